@@ -1,0 +1,106 @@
+"""``oneshot`` command line: a thin argparse layer over :mod:`oneshot.api`; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .config import OneshotError, PruneConfig
+
+EXIT_USAGE = 2
+
+
+def _prune_parser(sub) -> None:
+    p = sub.add_parser("prune", help="prune a causal LM once and write a sparse checkpoint",
+                       description="Prune every linear layer of a causal LM's decoder blocks, one layer at a time.")
+    p.add_argument("model", help="hub id (owner/name), local checkpoint directory, or .gguf file")
+    p.add_argument("--out", required=True, help="output directory (must be new or empty unless --overwrite)")
+    p.add_argument("--method", default="sparsegpt", help="solver: sparsegpt (default), wanda, magnitude")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of weights to zero, 0<s<1 (default 0.5)")
+    p.add_argument("--pattern", default=None, help="'unstructured' (default) or N:M, e.g. 2:4, 4:8")
+    p.add_argument("--calib", default="wikitext2",
+                   help="calibration: PATH (.txt/.jsonl/.json/.parquet), hf:NAME[:CONFIG[:SPLIT]], wikitext2, c4, self")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--seed", type=int, default=0, help="seed for window sampling (default 0)")
+    p.add_argument("--text-field", default="text", help="text column of jsonl/json/parquet/hf sources")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, float16, bfloat16")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=0, help="windows per forward (0 = about 8k tokens)")
+    p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
+                   help="skip linears whose full name matches (repeatable), e.g. 'mlp\\.down_proj'")
+    p.add_argument("--blocksize", type=int, default=128, help="sparsegpt column block (default 128)")
+    p.add_argument("--dampening", type=float, default=0.01, help="sparsegpt dampening, fraction of mean diag(H)")
+    p.add_argument("--magnitude-scope", default="layer", choices=("layer", "row"),
+                   help="magnitude: one threshold per layer (default) or per row")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow models with custom code")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="oneshot", description="One-shot post-training pruning for causal LMs.")
+    parser.add_argument("--version", action="version", version=f"oneshot {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _prune_parser(sub)
+    return parser
+
+
+def _summary(report: dict) -> str:
+    lines = [
+        f"pruned {report['architecture']} with {report['method']} ({report['pattern']}, "
+        f"target {report['target_sparsity']:.4g}) -> {report['out']}",
+        f"  {len(report['linears'])} linears, {report['pruned_parameters']:,} weights, "
+        f"sparsity {report['sparsity']:.4f}, mean relative output error {report['mean_relative_error']:.4g}",
+        f"  calibration {report['calibration']['source']}: {report['calibration']['nsamples']} x "
+        f"{report['calibration']['seqlen']} tokens; {report['seconds']:.1f} s, "
+        f"peak RSS {report['peak_memory']['host_rss_bytes'] / 2**30:.2f} GiB",
+    ]
+    for note in report["notes"]:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def _run_prune(args) -> int:
+    from .api import prune
+
+    config = PruneConfig(
+        model=args.model, out=args.out, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
+        calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, text_field=args.text_field,
+        dtype=args.dtype, device=args.device, batch_size=args.batch_size, ignore=args.ignore,
+        overwrite=args.overwrite, blocksize=args.blocksize, dampening=args.dampening,
+        magnitude_scope=args.magnitude_scope, trust_remote_code=args.trust_remote_code,
+    )
+    result = prune(config=config, progress=not (args.quiet or args.json))
+    if args.json:
+        json.dump(result.report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif not args.quiet:
+        print(_summary(result.report), file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quiet or getattr(args, "json", False):
+        import os
+
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    try:
+        if args.command == "prune":
+            return _run_prune(args)
+    except OneshotError as exc:
+        print(f"oneshot: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("oneshot: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return EXIT_USAGE

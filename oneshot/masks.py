@@ -1,0 +1,74 @@
+"""Mask selection shared by every solver. ``True`` in a mask means *pruned* (set to zero).
+
+Counts are exact: the lowest-scoring ``k`` entries are chosen by index (ties broken by position),
+never by a threshold that could catch more or fewer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import Constraint
+
+
+def n_pruned(numel: int, sparsity: float) -> int:
+    """How many of ``numel`` weights a ``sparsity`` fraction prunes (rounded to nearest)."""
+    return int(round(numel * sparsity))
+
+
+def lowest_k(score: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
+    """Boolean mask of the ``k`` smallest entries of ``score`` along ``dim``."""
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    if k <= 0:
+        return mask
+    idx = torch.topk(score, k, dim=dim, largest=False, sorted=False).indices
+    return mask.scatter_(dim, idx, True)
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Prune ``m - n`` of every ``m`` consecutive input columns (last dim) of each row."""
+    rows, cols = score.shape
+    if cols % m:
+        raise ValueError(f"input dimension {cols} is not divisible by M={m}")
+    groups = score.reshape(rows, cols // m, m)
+    return lowest_k(groups, m - n, dim=-1).reshape(rows, cols)
+
+
+def select_mask(score: torch.Tensor, constraint: Constraint, scope: str = "row") -> torch.Tensor:
+    """The mask of the lowest scores that meets ``constraint``.
+
+    ``scope`` is where unstructured sparsity is exact: ``"row"`` (every output row, as Wanda
+    compares) or ``"layer"`` (one threshold over the whole matrix, as magnitude pruning does).
+    N:M patterns are always per group along the input dimension.
+    """
+    if constraint.is_nm:
+        return nm_mask(score, constraint.n, constraint.m)
+    if scope == "row":
+        return lowest_k(score, n_pruned(score.shape[1], constraint.sparsity), dim=1)
+    if scope == "layer":
+        flat = lowest_k(score.reshape(-1), n_pruned(score.numel(), constraint.sparsity), dim=0)
+        return flat.reshape(score.shape)
+    raise ValueError(f"unknown mask scope {scope!r}")
+
+
+def apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``weight`` with pruned entries set to +0.0 (never -0.0, which some 2:4 kernels read)."""
+    return torch.where(mask, torch.zeros((), dtype=weight.dtype, device=weight.device), weight)
+
+
+def positive_zeros(weight: torch.Tensor) -> torch.Tensor:
+    """Replace every -0.0 by +0.0 (a cast to a narrower dtype can round tiny negatives to -0.0)."""
+    return torch.where(weight == 0, torch.zeros((), dtype=weight.dtype, device=weight.device), weight)
+
+
+def check_constraint(weight: torch.Tensor, constraint: Constraint) -> str | None:
+    """``None`` when ``weight`` meets ``constraint``, else a one-line reason (used by tests and verify)."""
+    zeros = weight == 0
+    if constraint.is_nm:
+        rows, cols = weight.shape
+        nonzero = (~zeros).reshape(rows, cols // constraint.m, constraint.m).sum(-1)
+        bad = int((nonzero > constraint.n).sum())
+        return None if bad == 0 else f"{bad} groups of {constraint.m} hold more than {constraint.n} non-zeros"
+    want = n_pruned(weight.numel(), constraint.sparsity)
+    got = int(zeros.sum())
+    return None if got >= want else f"{got} zeros, expected at least {want}"

@@ -1,0 +1,54 @@
+"""The solver contract: statistics in, weight and mask out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import torch
+
+from ..config import Constraint
+
+
+@dataclass
+class Stats:
+    """Statistics of one linear's input, accumulated in fp32 over every calibration token.
+
+    ``sq_norms[j]`` is Σ x_j² (so ‖X_j‖₂ = sqrt); ``hessian`` is Σ x xᵀ when the solver asks for it.
+    """
+
+    tokens: int
+    sq_norms: torch.Tensor
+    hessian: torch.Tensor | None = None
+
+
+class SolverResult(NamedTuple):
+    weight: torch.Tensor  # fp32 [out, in], pruned entries exactly +0.0
+    mask: torch.Tensor  # bool [out, in], True = pruned
+    info: dict  # anything the report should say (dampening used, fallbacks)
+
+
+@dataclass(frozen=True)
+class SolverSpec:
+    name: str
+    fn: Callable[[torch.Tensor, Stats, Constraint, dict], SolverResult]
+    needs_hessian: bool
+    needs_stats: bool = True
+    summary: str = field(default="")
+
+
+SOLVERS: dict[str, SolverSpec] = {}
+
+
+def register(name: str, *, needs_hessian: bool, summary: str, needs_stats: bool = True):
+    """Decorator: make a solver function available as ``--method name``.
+
+    ``needs_stats=False`` (magnitude) skips the calibration pass that gathers input statistics;
+    ``needs_hessian`` asks for Σ x xᵀ instead of the cheaper per-channel Σ x².
+    """
+
+    def wrap(fn):
+        SOLVERS[name] = SolverSpec(name, fn, needs_hessian, needs_stats, summary)
+        return fn
+
+    return wrap

@@ -1,0 +1,96 @@
+"""Tiny random-initialised checkpoints, one per supported architecture, built from configs offline."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
+    "they you were her she there been one all we their has would when if so no will what can more about up "
+    "river castle music album storm season game army ship church king war city team song film road island"
+).split()
+
+
+def sample_text(n_words: int = 4000, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_words // 12):
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(12)) + " .")
+    return "\n".join(lines)
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator([sample_text()], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+
+
+COMMON = dict(vocab_size=384, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+
+
+def tiny_config(arch: str):
+    import transformers as tf
+
+    llama_like = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, **COMMON)
+    if arch == "llama":
+        return tf.LlamaConfig(**llama_like, tie_word_embeddings=True)
+    if arch == "mistral":
+        return tf.MistralConfig(**llama_like, sliding_window=16)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**llama_like)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**llama_like, head_dim=16)
+    if arch == "gemma":
+        return tf.GemmaConfig(**llama_like, head_dim=16)
+    if arch == "gemma2":
+        return tf.Gemma2Config(**llama_like, head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
+                               layer_types=["sliding_attention", "full_attention"])
+    if arch == "gemma3":
+        return tf.Gemma3TextConfig(**llama_like, head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
+                                   layer_types=["sliding_attention", "full_attention"])
+    if arch == "phi3":
+        return tf.Phi3Config(**llama_like)
+    if arch == "opt":
+        return tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=256, word_embed_proj_dim=64, **COMMON)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                max_position_embeddings=256, **COMMON)
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=384,
+                             bos_token_id=1, eos_token_id=2)
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "opt", "gpt_neox", "gpt2"]
+
+
+def make_tiny_model(arch: str, directory: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> str:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    with torch.no_grad():  # larger-than-default weights so layers do visible work
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model = model.to(dtype)
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory)
+    make_tokenizer().save_pretrained(directory)
+    return directory
