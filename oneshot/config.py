@@ -106,8 +106,6 @@ class PruneConfig:
             raise OneshotError(f"--batch-size must be >= 0 (0 = automatic), got {self.batch_size}")
         if self.blocksize <= 0:
             raise OneshotError(f"--blocksize must be positive, got {self.blocksize}")
-        if nm is not None and self.blocksize % nm[1]:
-            raise OneshotError(f"--blocksize {self.blocksize} must be a multiple of M={nm[1]}")
         if not 0 <= self.dampening < 10:
             raise OneshotError(f"--dampening must be in [0, 10), got {self.dampening}")
         if self.dtype not in DTYPES:

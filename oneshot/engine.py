@@ -261,9 +261,13 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
         for name, module in linears.items():
             t = time.perf_counter()
             dense = get_weight(module).to(device)
-            stats = stats_hooks.result(name) if stats_hooks else None
+            if not torch.isfinite(dense).all():
+                raise OneshotError(f"{name}: the checkpoint's weight holds NaN/Inf values")
             if stats_hooks and name not in stats_hooks.leader:
                 raise OneshotError(f"{name} was never called during the layer's forward pass; --ignore it")
+            stats = stats_hooks.result(name) if stats_hooks else None
+            if stats is not None and not torch.isfinite(stats.sq_norms).all():
+                raise OneshotError(f"{name}: its inputs overflow to NaN/Inf in this dtype; try --dtype float32")
             try:
                 result = spec.fn(dense, stats, constraint, options)
             except torch.linalg.LinAlgError as exc:

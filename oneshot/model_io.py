@@ -218,6 +218,7 @@ def atomic_output_dir(out: str, overwrite: bool):
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.oneshot-tmp-", dir=parent)
     try:
         yield tmp
+        _normal_permissions(tmp)
         old = None
         if os.path.lexists(out):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.oneshot-old-", dir=parent)
@@ -229,6 +230,18 @@ def atomic_output_dir(out: str, overwrite: bool):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _normal_permissions(directory: str) -> None:
+    """mkdtemp makes 0700 directories (and some writers 0600 files): give the output the usual umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
 
 
 def save_model(model, tokenizer, directory: str) -> None:

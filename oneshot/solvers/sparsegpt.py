@@ -50,6 +50,8 @@ def sparsegpt(weight: torch.Tensor, stats: Stats, constraint: Constraint, option
     blocksize = int(options.get("blocksize", 128))
     dampening = float(options.get("dampening", 0.01))
     rows, cols = weight.shape
+    if constraint.is_nm:  # N:M groups must not straddle blocks
+        blocksize = max(constraint.m, blocksize // constraint.m * constraint.m)
 
     hessian = stats.hessian / max(stats.tokens, 1)
     W = weight.clone().to(torch.float32)

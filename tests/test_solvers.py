@@ -1,0 +1,134 @@
+"""Solvers and masks against their definitions, on small random layers with correlated inputs."""
+
+import pytest
+import torch
+
+from oneshot.config import Constraint
+from oneshot.masks import apply_mask, check_constraint, lowest_k, n_pruned, nm_mask, positive_zeros, select_mask
+from oneshot.solvers import SOLVERS, Stats
+from oneshot.solvers.sparsegpt import inverse_hessian_factor
+
+
+def _layer(out_features=64, in_features=128, tokens=2048, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # correlated inputs with uneven channel scales, as real activations have
+    mix = torch.randn(in_features, in_features, generator=g) / in_features**0.5
+    scales = torch.rand(in_features, generator=g) * 3 + 0.1
+    x = (torch.randn(tokens, in_features, generator=g) @ mix + 0.3 * torch.randn(tokens, in_features, generator=g)) * scales
+    w = torch.randn(out_features, in_features, generator=g)
+    stats = Stats(tokens=tokens, sq_norms=(x * x).sum(0), hessian=x.t() @ x)
+    return w, x, stats
+
+
+def _error(w, w_hat, x):
+    return float(torch.linalg.norm(x @ (w - w_hat).t()) / torch.linalg.norm(x @ w.t()))
+
+
+OPTIONS = {"blocksize": 32, "dampening": 0.01, "magnitude_scope": "layer"}
+
+
+@pytest.mark.parametrize("constraint", [Constraint(0.5), Constraint(0.5, 2, 4), Constraint(0.5, 4, 8), Constraint(0.7)])
+def test_error_ordering_sparsegpt_wanda_magnitude(constraint):
+    w, x, stats = _layer()
+    errors = {name: _error(w, SOLVERS[name].fn(w, stats, constraint, OPTIONS).weight, x)
+              for name in ("sparsegpt", "wanda", "magnitude")}
+    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
+
+
+@pytest.mark.parametrize("name", ["sparsegpt", "wanda", "magnitude"])
+@pytest.mark.parametrize("constraint", [Constraint(0.5, 2, 4), Constraint(0.5, 4, 8), Constraint(0.25, 3, 4)])
+def test_nm_masks_exact_in_every_group(name, constraint):
+    w, _, stats = _layer(seed=1)
+    result = SOLVERS[name].fn(w, stats, constraint, OPTIONS)
+    groups = result.mask.reshape(w.shape[0], -1, constraint.m).sum(-1)
+    assert (groups == constraint.m - constraint.n).all()
+    assert (result.weight[result.mask] == 0).all()
+    assert check_constraint(result.weight, constraint) is None
+
+
+@pytest.mark.parametrize("name", ["sparsegpt", "wanda", "magnitude"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.8])
+def test_unstructured_count_exact(name, sparsity):
+    w, _, stats = _layer(out_features=48, in_features=96, seed=2)
+    result = SOLVERS[name].fn(w, stats, Constraint(sparsity), OPTIONS)
+    if name == "wanda":  # compared per output row: every row exact
+        assert (result.mask.sum(1) == n_pruned(96, sparsity)).all()
+        expected = 48 * n_pruned(96, sparsity)
+    else:  # one count per layer
+        expected = n_pruned(w.numel(), sparsity)
+    assert int(result.mask.sum()) == expected
+    assert int((result.weight == 0).sum()) == expected
+
+
+def test_wanda_equals_closed_form():
+    w, x, stats = _layer(seed=3)
+    result = SOLVERS["wanda"].fn(w, stats, Constraint(0.5), OPTIONS)
+    score = w.abs() * x.norm(dim=0)  # |W_ij| * ||X_j||_2
+    expected = torch.zeros_like(w, dtype=torch.bool)  # the lower half of each row
+    order = score.argsort(dim=1)[:, : w.shape[1] // 2]
+    expected.scatter_(1, order, True)
+    assert torch.equal(result.mask, expected)
+    assert torch.equal(result.weight, torch.where(expected, torch.zeros(()), w))
+
+
+def test_magnitude_layer_scope_is_one_threshold():
+    w, _, _ = _layer(seed=4)
+    result = SOLVERS["magnitude"].fn(w, None, Constraint(0.5), {"magnitude_scope": "layer"})
+    assert w.abs()[result.mask].max() <= w.abs()[~result.mask].min()
+    rows = SOLVERS["magnitude"].fn(w, None, Constraint(0.5), {"magnitude_scope": "row"})
+    assert (rows.mask.sum(1) == w.shape[1] // 2).all()
+
+
+def test_sparsegpt_reduces_to_obs_for_one_column_block():
+    """With blocksize 1 and diagonal H, SparseGPT's update is zero: result = masked weight."""
+    w, _, _ = _layer(out_features=8, in_features=16, seed=5)
+    diag = torch.rand(16) + 0.5
+    stats = Stats(tokens=1, sq_norms=diag, hessian=torch.diag(diag))
+    result = SOLVERS["sparsegpt"].fn(w, stats, Constraint(0.5, 2, 4), {"blocksize": 4, "dampening": 0.0})
+    assert torch.allclose(result.weight, apply_mask(w, result.mask), atol=1e-6)
+    # with diagonal H the OBS score is w^2 * H_jj: the two smallest per group go
+    expected = nm_mask(w**2 * diag, 2, 4)
+    assert torch.equal(result.mask, expected)
+
+
+def test_sparsegpt_dead_inputs_pruned_first():
+    w, x, _ = _layer(out_features=16, in_features=32, seed=6)
+    x[:, :5] = 0
+    stats = Stats(tokens=x.shape[0], sq_norms=(x * x).sum(0), hessian=x.t() @ x)
+    result = SOLVERS["sparsegpt"].fn(w, stats, Constraint(0.5), OPTIONS)
+    assert (result.weight[:, :5] == 0).all() and result.info["dead_inputs"] == 5
+    assert int((result.weight == 0).sum()) == n_pruned(w.numel(), 0.5)
+
+
+def test_cholesky_failure_retries_then_reports():
+    h = torch.ones(8, 8)  # rank one: no Cholesky without dampening
+    with pytest.raises(torch.linalg.LinAlgError):
+        inverse_hessian_factor(h, 0.0)
+    factor, info = inverse_hessian_factor(h, 0.01)  # dampening makes it positive definite
+    assert torch.isfinite(factor).all() and "fallback" not in info
+    # an indefinite H fails at the requested dampening and succeeds at 10x, and says so
+    indefinite = torch.eye(8)
+    indefinite[0, 0] = -0.05  # mean diag ~0.87; 1% damp leaves it negative, 10% fixes it
+    factor, info = inverse_hessian_factor(indefinite, 0.01)
+    assert info["dampening"] == pytest.approx(0.1) and "fallback" in info
+    assert torch.isfinite(factor).all()
+
+
+def test_sparsegpt_never_silently_identity():
+    w = torch.randn(4, 8)
+    stats = Stats(tokens=1, sq_norms=torch.ones(8), hessian=-torch.eye(8) * 5)  # negative definite
+    with pytest.raises(torch.linalg.LinAlgError):
+        SOLVERS["sparsegpt"].fn(w, stats, Constraint(0.5), {"dampening": 0.01})
+
+
+def test_masks_helpers():
+    score = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.5, 0.6, 0.7, 0.8]])
+    assert nm_mask(score, 2, 4).tolist() == [[False, True, False, True, True, True, False, False]]
+    assert lowest_k(score, 3).sum() == 3
+    assert select_mask(score, Constraint(0.25), scope="row").sum() == 2
+    neg = torch.tensor([-0.0, 1.0, -2.0])
+    assert not torch.signbit(positive_zeros(neg)[0])
+    assert not torch.signbit(apply_mask(torch.tensor([-3.0]), torch.tensor([True]))).any()
+    with pytest.raises(ValueError):
+        nm_mask(torch.ones(2, 6), 2, 4)
+    assert check_constraint(torch.tensor([[1.0, 1.0, 1.0, 0.0]]), Constraint(0.5, 2, 4)) is not None
