@@ -76,7 +76,7 @@ def main() -> None:
                     raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
                 report = json.loads(proc.stdout)
                 ph = report["phases_seconds"]
-                prune_s = sum(ph.get(k, 0) for k in ("capture", "statistics", "solve", "propagate"))
+                prune_s = ph["capture"] + ph["prune_and_propagate"]  # the layer-by-layer work, as the peer's oneshot()
                 row = {
                     "tool": "oneshot", "method": method, "pattern": pattern,
                     "perplexity": ppl_of(out, args.eval_windows, args.eval_seqlen),

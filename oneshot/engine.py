@@ -3,10 +3,11 @@
 1. capture what every decoder layer receives (hidden states of layer 0; for each layer its own
    positional and keyword arguments: masks, position embeddings, positions) by running the model
    once per batch with the layers replaced by recorders that pass hidden states through;
-2. for each layer: onload it, forward all windows with hooks on its linears to gather fp32
-   statistics (one shared Hessian for linears that read the same input tensor), solve every
-   linear, forward again through the *pruned* layer to make the next layer's inputs (measuring each
-   linear's output error on the way), offload it.
+2. for each layer: onload it and forward the windows through it with a pre-hook on every linear
+   (:class:`_LayerPruner`): fp32 statistics of the linear's input are gathered over all windows
+   (one shared Hessian for linears that read the same input tensor), the linear is solved, and the
+   forward goes on through the *pruned* linear. The layer's outputs are the next layer's inputs;
+   each linear's output error is measured on the way. Then offload it.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from torch import nn
 
 from .config import Constraint, OneshotError
 from .masks import positive_zeros
-from .model_io import find_decoder_layers, find_linears, get_weight, set_weight
+from .model_io import find_decoder_layers, find_linears, get_weight, is_linear, linear_shape, set_weight
 from .solvers import SOLVERS, Stats
 
-TOKENS_PER_BATCH = 8192  # default forward batch: as many windows as make this many tokens
-ERROR_TOKENS = 8192  # the per-linear output error is measured on this many calibration tokens
+ERROR_TOKENS = 2048  # each linear's output error is measured on this many calibration tokens
 
 
 class _StopForward(Exception):
@@ -97,92 +97,153 @@ def capture_inputs(model, layers: nn.ModuleList, batches: list[torch.Tensor], de
     return captured
 
 
-class _StatsHooks:
-    """Forward hooks on a layer's linears accumulating fp32 input statistics.
+class _LayerPruner:
+    """Forward pre-hooks that prune each linear of one decoder layer just before it first runs.
 
-    Linears that read the very same input tensor (q/k/v, gate/up) are grouped on the first batch and
-    share one accumulator, filled once by the first of them to run.
+    Statistics belong to a *leader*: the first linear to read a given input tensor. A linear that
+    reads the very same tensor object in the same forward (k/v after q, up after gate) is its
+    follower and shares its statistics (one Hessian, one factorisation). A leader's statistics are
+    complete once every calibration batch has passed through it; until then the forward of a batch
+    stops right there (``_StopForward``). When the last batch completes them the linear is solved
+    and that batch goes on, through the pruned linear, to the next unsolved one. So each linear
+    sees inputs produced by the already-pruned linears before it (true sequential pruning), and with
+    one batch the whole layer is pruned and propagated in a single forward pass.
     """
 
-    def __init__(self, linears: dict[str, nn.Module], need_hessian: bool):
-        self.need_hessian = need_hessian
+    def __init__(self, linears: dict[str, nn.Module], spec, constraint: Constraint, options: dict,
+                 nbatches: int, device, error_tokens: int):
+        self.linears, self.spec, self.constraint, self.options = linears, spec, constraint, options
+        self.nbatches, self.device, self.error_tokens = nbatches, device, error_tokens
         self.leader: dict[str, str] = {}
         self.stats: dict[str, Stats] = {}
-        self._seen: list[tuple[torch.Tensor, str]] = []
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
+        self.batches_in: dict[str, int] = {}
+        self.inputs: list[tuple[torch.Tensor, str]] = []  # this forward's leader inputs
+        self.entries: dict[str, dict] = {}
+        self.deltas: dict[str, torch.Tensor] = {}
+        self.err = {name: [0.0, 0.0, 0] for name in linears}  # Σ‖xΔᵀ‖², Σ‖xWᵀ‖², tokens
+        self.solve_seconds = 0.0
+        self.handles = []
+        for name, module in linears.items():
+            if spec.needs_stats:
+                self.handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
+            self.handles.append(module.register_forward_hook(self._error_hook(name)))
 
-    def _hook(self, name):
-        def hook(module, args, output):
+    # -- statistics and solving
+    def start_batch(self) -> None:
+        self.inputs.clear()
+
+    def _pre_hook(self, name):
+        def hook(module, args):
             x = args[0]
-            if name not in self.leader:
-                leader = next((lead for t, lead in self._seen if t is x), None)
-                if leader is None:
-                    leader = name
-                    self._seen.append((x, name))
+            if name in self.entries:  # solved: runs pruned
+                if self.leader[name] == name:
+                    self.inputs.append((x, name))
+                return None
+            leader = self.leader.get(name)
+            if leader is None:
+                leader = next((lead for t, lead in self.inputs if t is x), name)
                 self.leader[name] = leader
-            if self.leader[name] != name:
-                return
-            x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-            st = self.stats.get(name)
-            if st is None:
-                dim = x.shape[1]
-                st = self.stats[name] = Stats(
-                    tokens=0,
-                    sq_norms=torch.zeros(dim, dtype=torch.float32, device=x.device),
-                    hessian=torch.zeros(dim, dim, dtype=torch.float32, device=x.device) if self.need_hessian else None,
-                )
-            st.tokens += x.shape[0]
-            if st.hessian is not None:
-                st.hessian.addmm_(x.t(), x)
-            else:
-                st.sq_norms.add_((x * x).sum(0))
+            if leader == name:
+                self._accumulate(name, x)
+                self.inputs.append((x, name))
+                if self.batches_in[name] < self.nbatches:
+                    raise _StopForward
+            elif self.batches_in[leader] < self.nbatches:  # cannot happen: followers appear with complete leaders
+                raise RuntimeError(f"{name}: statistics of {leader} incomplete")
+            self.solve(name, module)
+            return None
 
         return hook
 
-    def end_batch(self):
-        self._seen.clear()  # drop references to the first batch's tensors
-
-    def result(self, name: str) -> Stats:
-        st = self.stats[self.leader[name]]
+    def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        st = self.stats.get(name)
+        if st is None:
+            dim = x.shape[1]
+            st = self.stats[name] = Stats(
+                tokens=0,
+                sq_norms=torch.zeros(dim, dtype=torch.float32, device=x.device),
+                hessian=torch.zeros(dim, dim, dtype=torch.float32, device=x.device) if self.spec.needs_hessian else None,
+            )
+            self.batches_in[name] = 0
+        st.tokens += x.shape[0]
         if st.hessian is not None:
-            st.sq_norms = st.hessian.diagonal().clone()
-        return st
+            st.hessian.addmm_(x.t(), x)
+        else:
+            st.sq_norms.add_((x * x).sum(0))
+        self.batches_in[name] += 1
+        if self.batches_in[name] == self.nbatches:
+            if st.hessian is not None:
+                st.sq_norms = st.hessian.diagonal().clone()
+            if not torch.isfinite(st.sq_norms).all():
+                raise OneshotError(f"{name}: its inputs overflow to NaN/Inf in this dtype; try --dtype float32")
 
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
+    def solve(self, name: str, module: nn.Module) -> None:
+        t = time.perf_counter()
+        dense = get_weight(module).to(self.device)
+        if not torch.isfinite(dense).all():
+            raise OneshotError(f"{name}: the checkpoint's weight holds NaN/Inf values")
+        leader = self.leader.get(name, name)
+        stats = self.stats.get(leader)
+        try:
+            result = self.spec.fn(dense, stats, self.constraint, self.options)
+        except torch.linalg.LinAlgError as exc:
+            raise OneshotError(f"{name}: {exc}") from exc
+        if not torch.isfinite(result.weight).all():
+            raise OneshotError(f"{name}: the {self.spec.name} solve produced NaN/Inf weights")
+        set_weight(module, result.weight)
+        written = get_weight(module)  # what is stored, after the cast to the model's dtype
+        if (torch.signbit(written) & (written == 0)).any():
+            written = positive_zeros(written)
+            set_weight(module, written)
+        self.deltas[name] = dense - written.to(dense.device)
+        elapsed = time.perf_counter() - t
+        self.solve_seconds += elapsed
+        entry = {
+            "name": name,
+            "shape": list(dense.shape),
+            "shared_stats_with": leader if leader != name else None,
+            "target_sparsity": self.constraint.sparsity,
+            "mask_sparsity": float(result.mask.float().mean()),
+            "sparsity": float((written == 0).float().mean()),
+            "seconds": round(elapsed, 4),
+        }
+        entry.update(result.info)
+        self.entries[name] = entry
 
+    def solve_all_without_stats(self) -> None:
+        for name, module in self.linears.items():
+            self.solve(name, module)
 
-class _ErrorHooks:
-    """Relative output error ‖x(W−Ŵ)ᵀ‖² / ‖xWᵀ‖² of each pruned linear, on its inputs in the pruned model."""
-
-    def __init__(self, linears: dict[str, nn.Module], deltas: dict[str, torch.Tensor], budget: int):
-        self.deltas, self.budget = deltas, budget
-        self.err = {name: 0.0 for name in linears}
-        self.ref = {name: 0.0 for name in linears}
-        self.seen = {name: 0 for name in linears}
-        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in linears.items()]
-
-    def _hook(self, name):
+    # -- output error of every pruned linear, on inputs that reach it after it was pruned
+    def _error_hook(self, name):
         def hook(module, args, output):
-            if self.seen[name] >= self.budget:
+            acc = self.err[name]
+            if name not in self.deltas or acc[2] >= self.error_tokens:
                 return
-            x = args[0].reshape(-1, args[0].shape[-1])[: self.budget - self.seen[name]].to(torch.float32)
+            x = args[0].reshape(-1, args[0].shape[-1])[: self.error_tokens - acc[2]].to(torch.float32)
             y = output.reshape(-1, output.shape[-1])[: x.shape[0]].to(torch.float32)
             bias = getattr(module, "bias", None)
             if bias is not None:
                 y = y - bias.to(torch.float32)
             e = x @ self.deltas[name].t()
-            self.err[name] += float((e * e).sum())
-            self.ref[name] += float(((y + e) ** 2).sum())
-            self.seen[name] += x.shape[0]
+            acc[0] += float((e * e).sum())
+            acc[1] += float(((y + e) ** 2).sum())
+            acc[2] += x.shape[0]
 
         return hook
 
-    def relative(self, name: str) -> float:
-        return self.err[name] / self.ref[name] if self.ref[name] > 0 else 0.0
+    def report(self) -> list[dict]:
+        out = []
+        for name in self.linears:
+            entry = self.entries[name]
+            err, ref, tokens = self.err[name]
+            entry["relative_error"] = err / ref if ref > 0 else 0.0
+            entry["error_tokens"] = tokens
+            out.append(entry)
+        return out
 
-    def remove(self):
+    def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
 
@@ -203,12 +264,42 @@ def _peak_memory() -> dict:
     return peak
 
 
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def forward_bytes_per_token(layer: nn.Module, seqlen: int, heads: int, dtype_bytes: int) -> int:
+    """A generous estimate of the activation memory one token costs in one layer's forward."""
+    widths = [max(linear_shape(m)) for m in layer.modules() if is_linear(m)] or [1]
+    widest = max(widths)
+    return 4 * (8 * widest + sum(widths)) + 2 * heads * seqlen * max(dtype_bytes, 4)
+
+
+def plan_batches(input_ids: torch.Tensor, layer: nn.Module, heads: int, dtype_bytes: int, device: torch.device,
+                 batch_size: int) -> int:
+    """Windows per forward: ``batch_size`` if given, else all of them when a forward over every
+    window fits in a quarter of the free memory (one pass per layer), else as many as do."""
+    nsamples, seqlen = input_ids.shape
+    if batch_size:
+        return min(batch_size, nsamples)
+    per_window = forward_bytes_per_token(layer, seqlen, heads, dtype_bytes) * seqlen
+    return int(max(1, min(nsamples, _available_bytes(device) // 4 // per_window)))
+
+
 def activation_store(device: torch.device, captured_bytes: int) -> torch.device:
     """Keep activations on the compute device when two copies fit in half of its free memory."""
     if device.type != "cuda":
         return device
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if 2 * captured_bytes < free // 2 else torch.device("cpu")
+    return device if 2 * captured_bytes < _available_bytes(device) // 2 else torch.device("cpu")
 
 
 @torch.no_grad()
@@ -219,22 +310,25 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
 
     spec = SOLVERS[method]
     nsamples, seqlen = input_ids.shape
-    per_batch = batch_size or max(1, TOKENS_PER_BATCH // seqlen)
-    batches = list(input_ids.split(per_batch))
     path, layers = find_decoder_layers(model)
+    config = getattr(model.config, "text_config", None) or model.config
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    dtype_bytes = torch.finfo(model.dtype).bits // 8
+    per_batch = plan_batches(input_ids, layers[0], heads, dtype_bytes, device, batch_size)
+    batches = list(input_ids.split(per_batch))
     hidden_size = model.get_input_embeddings().weight.shape[1]
-    act_bytes = nsamples * seqlen * hidden_size * torch.finfo(model.dtype).bits // 8
-    store = activation_store(device, act_bytes)
-    phases = {"capture": 0.0, "statistics": 0.0, "solve": 0.0, "propagate": 0.0}
+    store = activation_store(device, nsamples * seqlen * hidden_size * dtype_bytes)
+    phases = {"capture": 0.0, "prune_and_propagate": 0.0, "solve": 0.0}
 
     t0 = time.perf_counter()
     captured = capture_inputs(model, layers, batches, device, store)
     phases["capture"] = time.perf_counter() - t0
 
-    reports, notes = [], []
+    reports, notes, passes = [], [], []
     bar = tqdm(total=len(layers), desc=f"{method} {constraint.describe()}", unit="layer", disable=not progress)
     for i, layer in enumerate(layers):
         prefix = f"{path}.{i}"
+        t = time.perf_counter()
         layer.to(device)
         linears = find_linears(layer, prefix, ignore)
         for b, hidden in enumerate(captured.hidden):
@@ -243,73 +337,40 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
                     f"non-finite values (NaN/Inf) reach decoder layer {i} ({prefix}) in calibration batch {b}; "
                     "the model overflows in this dtype: try --dtype float32"
                 )
-
-        t = time.perf_counter()
-        stats_hooks = None
-        if spec.needs_stats and linears:
-            stats_hooks = _StatsHooks(linears, spec.needs_hessian)
-            try:
-                for b, hidden in enumerate(captured.hidden):
-                    args, kwargs = captured.layer_args[b][i]
-                    _forward(layer, hidden.to(device), _to(args, device), _to(kwargs, device))
-                    stats_hooks.end_batch()
-            finally:
-                stats_hooks.remove()
-        phases["statistics"] += time.perf_counter() - t
-
-        deltas, layer_linears = {}, []
-        for name, module in linears.items():
-            t = time.perf_counter()
-            dense = get_weight(module).to(device)
-            if not torch.isfinite(dense).all():
-                raise OneshotError(f"{name}: the checkpoint's weight holds NaN/Inf values")
-            if stats_hooks and name not in stats_hooks.leader:
-                raise OneshotError(f"{name} was never called during the layer's forward pass; --ignore it")
-            stats = stats_hooks.result(name) if stats_hooks else None
-            if stats is not None and not torch.isfinite(stats.sq_norms).all():
-                raise OneshotError(f"{name}: its inputs overflow to NaN/Inf in this dtype; try --dtype float32")
-            try:
-                result = spec.fn(dense, stats, constraint, options)
-            except torch.linalg.LinAlgError as exc:
-                raise OneshotError(f"{name}: {exc}") from exc
-            if not torch.isfinite(result.weight).all():
-                raise OneshotError(f"{name}: the {method} solve produced NaN/Inf weights")
-            set_weight(module, result.weight)
-            written = get_weight(module)  # what is stored, after the cast to the model's dtype
-            if (written == 0).any():
-                set_weight(module, positive_zeros(written))
-            deltas[name] = dense - get_weight(module).to(device)
-            elapsed = time.perf_counter() - t
-            phases["solve"] += elapsed
-            entry = {
-                "name": name,
-                "shape": list(dense.shape),
-                "shared_stats_with": stats_hooks.leader[name] if stats_hooks and stats_hooks.leader[name] != name else None,
-                "target_sparsity": constraint.sparsity,
-                "mask_sparsity": float(result.mask.float().mean()),
-                "sparsity": float((written == 0).float().mean()),
-                "seconds": round(elapsed, 4),
-            }
-            entry.update(result.info)
-            if "fallback" in result.info:
-                notes.append(f"{name}: {result.info['fallback']}")
-            layer_linears.append(entry)
-        del stats_hooks
-
-        t = time.perf_counter()
-        error_hooks = _ErrorHooks(linears, deltas, ERROR_TOKENS)
+        pruner = _LayerPruner(linears, spec, constraint, options, len(batches), device, ERROR_TOKENS)
+        outputs: list[torch.Tensor | None] = [None] * len(batches)
+        layer_passes = 0
         try:
-            for b, hidden in enumerate(captured.hidden):
-                args, kwargs = captured.layer_args[b][i]
-                out = _forward(layer, hidden.to(device), _to(args, device), _to(kwargs, device))
-                captured.hidden[b] = out.to(store)
+            if not spec.needs_stats:
+                pruner.solve_all_without_stats()
+            while any(o is None for o in outputs):
+                layer_passes += 1
+                if layer_passes > len(linears) + 2:
+                    missing = sorted(set(linears) - set(pruner.entries))
+                    raise OneshotError(f"{', '.join(missing)} never ran in the layer's forward pass; --ignore them")
+                for b, hidden in enumerate(captured.hidden):
+                    if outputs[b] is not None:
+                        continue
+                    args, kwargs = captured.layer_args[b][i]
+                    pruner.start_batch()
+                    try:
+                        outputs[b] = _forward(layer, hidden.to(device), _to(args, device), _to(kwargs, device)).to(store)
+                    except _StopForward:
+                        pass
         finally:
-            error_hooks.remove()
+            pruner.remove()
+        missing = sorted(set(linears) - set(pruner.entries))
+        if missing:
+            raise OneshotError(f"{', '.join(missing)} never ran in the layer's forward pass; --ignore them")
+        captured.hidden = outputs
+        layer_linears = pruner.report()
         for entry in layer_linears:
-            entry["relative_error"] = error_hooks.relative(entry["name"])
-        phases["propagate"] += time.perf_counter() - t
-        del deltas, error_hooks
-
+            if "fallback" in entry:
+                notes.append(f"{entry['name']}: {entry['fallback']}")
+        phases["solve"] += pruner.solve_seconds
+        phases["prune_and_propagate"] += time.perf_counter() - t
+        passes.append(layer_passes)
+        del pruner
         if device.type != "cpu":
             layer.to("cpu")
         reports.extend(layer_linears)
@@ -326,5 +387,7 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
         "phases_seconds": {k: round(v, 3) for k, v in phases.items()},
         "peak_memory": _peak_memory(),
         "forward_batch": per_batch,
+        "forward_passes_per_layer": max(passes) if passes else 0,
         "activations_on": str(store),
+        "error_tokens": ERROR_TOKENS,
     }

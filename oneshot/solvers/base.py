@@ -20,6 +20,7 @@ class Stats:
     tokens: int
     sq_norms: torch.Tensor
     hessian: torch.Tensor | None = None
+    cache: dict = field(default_factory=dict)  # derived results shared by linears with the same input
 
 
 class SolverResult(NamedTuple):

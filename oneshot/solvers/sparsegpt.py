@@ -45,6 +45,22 @@ def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> tuple[tor
     raise torch.linalg.LinAlgError(f"Cholesky failed at every dampening and in fp64 ({', '.join(tries)})")
 
 
+def _prepare(stats: Stats, dampening: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(upper factor of H⁻¹, dead-input mask, notes), computed once per input and cached in ``stats``
+    so that linears sharing an input (q/k/v, gate/up) share one factorisation."""
+    key = ("sparsegpt-factor", dampening)
+    if key not in stats.cache:
+        hessian = stats.hessian / max(stats.tokens, 1)
+        dead = hessian.diagonal() == 0
+        if dead.any():  # inputs that never fire: their weights do nothing, prune them first (as the paper)
+            hessian = hessian.clone()
+            hessian.diagonal()[dead] = 1.0
+        factor, info = inverse_hessian_factor(hessian, dampening)
+        info["dead_inputs"] = int(dead.sum())
+        stats.cache[key] = (factor, dead, info)
+    return stats.cache[key]
+
+
 @register("sparsegpt", needs_hessian=True, summary="OBS reconstruction, 128-column lazy blocks (Frantar & Alistarh 2023)")
 def sparsegpt(weight: torch.Tensor, stats: Stats, constraint: Constraint, options: dict) -> SolverResult:
     blocksize = int(options.get("blocksize", 128))
@@ -53,43 +69,38 @@ def sparsegpt(weight: torch.Tensor, stats: Stats, constraint: Constraint, option
     if constraint.is_nm:  # N:M groups must not straddle blocks
         blocksize = max(constraint.m, blocksize // constraint.m * constraint.m)
 
-    hessian = stats.hessian / max(stats.tokens, 1)
-    W = weight.clone().to(torch.float32)
-    dead = hessian.diagonal() == 0
-    if dead.any():  # inputs that never fire: their weights do nothing, prune them first (as the paper)
-        hessian = hessian.clone()
-        hessian.diagonal()[dead] = 1.0
-        W[:, dead] = 0.0
-    hinv, info = inverse_hessian_factor(hessian, dampening)
-    W = W.to(hinv.dtype)
-    info["dead_inputs"] = int(dead.sum())
-
-    mask = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+    hinv, dead, info = _prepare(stats, dampening)
+    info = dict(info)
+    # work on Wᵀ [cols, rows] so that a column of W is a contiguous row here
+    Wt = weight.t().to(hinv.dtype).contiguous()
+    Wt[dead] = 0.0
+    mask_t = torch.zeros(cols, rows, dtype=torch.bool, device=weight.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        W1 = Wt[i1:i2].clone()  # [count, rows]
+        Err1 = torch.empty_like(W1)
         Hinv1 = hinv[i1:i2, i1:i2]
         d = Hinv1.diagonal()
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        if not constraint.is_nm:
+        if constraint.is_nm:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        else:
             k = n_pruned(rows * i2, constraint.sparsity) - n_pruned(rows * i1, constraint.sparsity)
-            score = (W1 / d.unsqueeze(0)) ** 2
-            mask1 = lowest_k(score.reshape(-1), k, dim=0).reshape(rows, count)
+            score = (W1 / d.unsqueeze(1)) ** 2
+            mask1 = lowest_k(score.reshape(-1), k, dim=0).reshape(count, rows)
+        scale = mask1 / d.unsqueeze(1)  # err = w / d where pruned, 0 where kept
         for i in range(count):
             if constraint.is_nm and i % constraint.m == 0:
-                score = (W1[:, i : i + constraint.m] / d[i : i + constraint.m].unsqueeze(0)) ** 2
-                mask1[:, i : i + constraint.m] = lowest_k(score, constraint.m - constraint.n, dim=1)
-            w = W1[:, i]
-            q = torch.where(mask1[:, i], torch.zeros((), dtype=w.dtype, device=w.device), w)
-            Q1[:, i] = q
-            err = (w - q) / d[i]
-            W1[:, i:].sub_(err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        mask[:, i1:i2] = mask1
-        W[:, i2:].sub_(Err1 @ hinv[i1:i2, i2:])
+                m = constraint.m
+                score = (W1[i : i + m] / d[i : i + m].unsqueeze(1)) ** 2
+                mask1[i : i + m] = lowest_k(score, m - constraint.n, dim=0)
+                scale[i : i + m] = mask1[i : i + m] / d[i : i + m].unsqueeze(1)
+            torch.mul(W1[i], scale[i], out=Err1[i])
+            W1[i:].addr_(Hinv1[i, i:], Err1[i], alpha=-1.0)  # spread the error over the columns not yet done
+        Wt[i1:i2] = W1
+        mask_t[i1:i2] = mask1
+        if i2 < cols:
+            Wt[i2:].addmm_(hinv[i1:i2, i2:].t(), Err1, alpha=-1.0)
 
-    return SolverResult(apply_mask(W.to(torch.float32), mask), mask, info)
+    mask = mask_t.t()
+    return SolverResult(apply_mask(Wt.t().to(torch.float32), mask), mask, info)
