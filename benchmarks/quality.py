@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--eval-seqlen", type=int, default=1024)
     ap.add_argument("--peer-python", default=None, help="a python with llmcompressor, to run the peer too")
+    ap.add_argument("--peer-methods", default="sparsegpt,wanda")
     ap.add_argument("--extra", default="", help="extra flags for every oneshot prune")
     ap.add_argument("--json-out", default=os.path.join(ROOT, "benchmarks", "out", "quality.json"))
     args = ap.parse_args()
@@ -87,7 +88,7 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if args.peer_python:
-        for method in ("sparsegpt", "wanda"):
+        for method in args.peer_methods.split(","):
             for pattern in args.patterns.split(","):
                 peer_pattern = "0:0" if pattern == "unstructured" else pattern
                 cmd = [args.peer_python, os.path.join(ROOT, "benchmarks", "peer_llmcompressor.py"), "--method", method,

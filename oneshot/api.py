@@ -121,6 +121,7 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
         device=device,
         ignore=cfg.ignore,
         batch_size=cfg.batch_size,
+        sequential=cfg.sequential,
         progress=progress,
     )
     phases.update(body.pop("phases_seconds"))

@@ -35,6 +35,9 @@ def _prune_parser(sub) -> None:
     p.add_argument("--dampening", type=float, default=0.01, help="sparsegpt dampening, fraction of mean diag(H)")
     p.add_argument("--magnitude-scope", default="layer", choices=("layer", "row"),
                    help="magnitude: one threshold per layer (default) or per row")
+    p.add_argument("--sequential", default="layer", choices=("layer", "linear"),
+                   help="statistics of every linear from the dense layer (layer, default: two forward passes a "
+                        "layer) or from inputs after the linears before it were pruned (linear: one pass)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models with custom code")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
@@ -72,7 +75,8 @@ def _run_prune(args) -> int:
         calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, text_field=args.text_field,
         dtype=args.dtype, device=args.device, batch_size=args.batch_size, ignore=args.ignore,
         overwrite=args.overwrite, blocksize=args.blocksize, dampening=args.dampening,
-        magnitude_scope=args.magnitude_scope, trust_remote_code=args.trust_remote_code,
+        magnitude_scope=args.magnitude_scope, sequential=args.sequential,
+        trust_remote_code=args.trust_remote_code,
     )
     result = prune(config=config, progress=not (args.quiet or args.json))
     if args.json:

@@ -97,6 +97,30 @@ def capture_inputs(model, layers: nn.ModuleList, batches: list[torch.Tensor], de
     return captured
 
 
+SYMMETRIC_MIN_DIM = 1024  # from this width on, accumulate only the lower half of H (a quarter fewer flops)
+
+
+def accumulate_hessian(hessian: torch.Tensor, x: torch.Tensor) -> None:
+    """H += xᵀx (fp32). Wide inputs fill the two diagonal blocks and the lower-left one only;
+    :func:`finish_hessian` mirrors it once at the end."""
+    dim = x.shape[1]
+    if dim < SYMMETRIC_MIN_DIM:
+        hessian.addmm_(x.t(), x)
+        return
+    h = dim // 2
+    x1, x2 = x[:, :h], x[:, h:]
+    hessian[:h, :h].addmm_(x1.t(), x1)
+    hessian[h:, :h].addmm_(x2.t(), x1)
+    hessian[h:, h:].addmm_(x2.t(), x2)
+
+
+def finish_hessian(hessian: torch.Tensor) -> None:
+    dim = hessian.shape[0]
+    if dim >= SYMMETRIC_MIN_DIM:
+        h = dim // 2
+        hessian[:h, h:] = hessian[h:, :h].t()
+
+
 class _LayerPruner:
     """Forward pre-hooks that prune each linear of one decoder layer just before it first runs.
 
@@ -122,6 +146,7 @@ class _LayerPruner:
         self.deltas: dict[str, torch.Tensor] = {}
         self.err = {name: [0.0, 0.0, 0] for name in linears}  # Σ‖xΔᵀ‖², Σ‖xWᵀ‖², tokens
         self.solve_seconds = 0.0
+        self.collect_only = False  # True: gather statistics from the dense layer, solve nothing yet
         self.handles = []
         for name, module in linears.items():
             if spec.needs_stats:
@@ -146,8 +171,12 @@ class _LayerPruner:
             if leader == name:
                 self._accumulate(name, x)
                 self.inputs.append((x, name))
+                if self.collect_only:
+                    return None
                 if self.batches_in[name] < self.nbatches:
                     raise _StopForward
+            elif self.collect_only:
+                return None
             elif self.batches_in[leader] < self.nbatches:  # cannot happen: followers appear with complete leaders
                 raise RuntimeError(f"{name}: statistics of {leader} incomplete")
             self.solve(name, module)
@@ -168,12 +197,13 @@ class _LayerPruner:
             self.batches_in[name] = 0
         st.tokens += x.shape[0]
         if st.hessian is not None:
-            st.hessian.addmm_(x.t(), x)
+            accumulate_hessian(st.hessian, x)
         else:
             st.sq_norms.add_((x * x).sum(0))
         self.batches_in[name] += 1
         if self.batches_in[name] == self.nbatches:
             if st.hessian is not None:
+                finish_hessian(st.hessian)
                 st.sq_norms = st.hessian.diagonal().clone()
             if not torch.isfinite(st.sq_norms).all():
                 raise OneshotError(f"{name}: its inputs overflow to NaN/Inf in this dtype; try --dtype float32")
@@ -211,8 +241,11 @@ class _LayerPruner:
         entry.update(result.info)
         self.entries[name] = entry
 
-    def solve_all_without_stats(self) -> None:
+    def solve_all(self) -> None:
+        """Solve every linear now: with no statistics (magnitude) or after a ``collect_only`` pass."""
         for name, module in self.linears.items():
+            if self.spec.needs_stats and name not in self.leader:
+                raise OneshotError(f"{name} never ran in the layer's forward pass; --ignore it")
             self.solve(name, module)
 
     # -- output error of every pruned linear, on inputs that reach it after it was pruned
@@ -304,7 +337,8 @@ def activation_store(device: torch.device, captured_bytes: int) -> torch.device:
 
 @torch.no_grad()
 def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constraint, options: dict, *,
-                 device: torch.device, ignore=(), batch_size: int = 0, progress: bool = True) -> dict:
+                 device: torch.device, ignore=(), batch_size: int = 0, sequential: str = "layer",
+                 progress: bool = True) -> dict:
     """Prune every linear inside the decoder layers of ``model`` in place; returns the report's body."""
     from tqdm.auto import tqdm
 
@@ -341,11 +375,19 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
         outputs: list[torch.Tensor | None] = [None] * len(batches)
         layer_passes = 0
         try:
-            if not spec.needs_stats:
-                pruner.solve_all_without_stats()
+            if spec.needs_stats and sequential == "layer":  # the reference way: all statistics from the dense layer
+                layer_passes += 1
+                pruner.collect_only = True
+                for b, hidden in enumerate(captured.hidden):
+                    args, kwargs = captured.layer_args[b][i]
+                    pruner.start_batch()
+                    _forward(layer, hidden.to(device), _to(args, device), _to(kwargs, device))
+                pruner.collect_only = False
+            if not spec.needs_stats or sequential == "layer":
+                pruner.solve_all()
             while any(o is None for o in outputs):
                 layer_passes += 1
-                if layer_passes > len(linears) + 2:
+                if layer_passes > len(linears) + 3:
                     missing = sorted(set(linears) - set(pruner.entries))
                     raise OneshotError(f"{', '.join(missing)} never ran in the layer's forward pass; --ignore them")
                 for b, hidden in enumerate(captured.hidden):

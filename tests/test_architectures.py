@@ -119,3 +119,48 @@ def test_json_output_and_determinism(tiny_factory, calib_txt, tmp_path, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [e["relative_error"] for e in reports[0]["linears"]] == [e["relative_error"] for e in reports[1]["linears"]]
     assert reports[0]["calibration"]["tokens"] == 4 * 32
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+@pytest.mark.parametrize("sequential", ["layer", "linear"])
+def test_small_batches_match_one_batch(method, sequential, tiny_factory, calib_txt, tmp_path):
+    """Batches that stop at each unsolved linear give the same result as one forward over all windows."""
+    from safetensors.torch import load_file
+
+    src = tiny_factory("mistral")
+    reports = {}
+    for name, batch in (("one", "0"), ("many", "1")):
+        assert main(["prune", src, "--method", method, "--calib", calib_txt, "--nsamples", "6", "--seqlen", "32",
+                     "--batch-size", batch, "--sequential", sequential, "--out", str(tmp_path / name), "--quiet"]) == 0
+        reports[name] = json.loads((tmp_path / name / "report.json").read_text())
+    assert reports["one"]["forward_batch"] == 6 and reports["many"]["forward_batch"] == 1
+    if sequential == "linear":  # one pass with every window in it; batches stop at each unsolved linear
+        assert reports["one"]["forward_passes_per_layer"] == 1 and reports["many"]["forward_passes_per_layer"] > 1
+    else:  # statistics pass, then output pass
+        assert reports["one"]["forward_passes_per_layer"] == reports["many"]["forward_passes_per_layer"] == 2
+    a = load_file(str(tmp_path / "one" / "model.safetensors"))
+    b = load_file(str(tmp_path / "many" / "model.safetensors"))
+    for key in a:
+        if key.endswith("proj.weight"):
+            assert ((a[key] == 0) == (b[key] == 0)).float().mean() > 0.99, key
+            assert torch.allclose(a[key], b[key], atol=1e-4), key
+
+
+def test_sequential_layer_mode_uses_dense_statistics(tiny_factory, calib_txt, tmp_path):
+    """--sequential layer (the reference way) gathers every statistic from the dense layer: o_proj's
+    statistics then differ from the default, where o_proj sees the pruned q/k/v."""
+    from safetensors.torch import load_file
+
+    src = tiny_factory("llama")
+    weights, reports = {}, {}
+    for mode in ("linear", "layer"):
+        assert main(["prune", src, "--method", "wanda", "--calib", calib_txt, "--nsamples", "4", "--seqlen", "32",
+                     "--sequential", mode, "--out", str(tmp_path / mode), "--quiet"]) == 0
+        weights[mode] = load_file(str(tmp_path / mode / "model.safetensors"))
+        reports[mode] = json.loads((tmp_path / mode / "report.json").read_text())
+    q = "model.layers.0.self_attn.q_proj.weight"
+    o = "model.layers.0.self_attn.o_proj.weight"
+    assert torch.equal(weights["linear"][q], weights["layer"][q])  # the first linear sees the same input
+    assert not torch.equal(weights["linear"][o], weights["layer"][o])
+    for mode in reports:
+        assert reports[mode]["sparsity"] == pytest.approx(0.5)

@@ -132,3 +132,14 @@ def test_masks_helpers():
     with pytest.raises(ValueError):
         nm_mask(torch.ones(2, 6), 2, 4)
     assert check_constraint(torch.tensor([[1.0, 1.0, 1.0, 0.0]]), Constraint(0.5, 2, 4)) is not None
+
+
+def test_symmetric_hessian_accumulation_equals_full():
+    from oneshot.engine import accumulate_hessian, finish_hessian
+
+    x = torch.randn(300, 1030, dtype=torch.float64)
+    h = torch.zeros(1030, 1030, dtype=torch.float64)
+    accumulate_hessian(h, x[:100])
+    accumulate_hessian(h, x[100:])
+    finish_hessian(h)
+    assert torch.allclose(h, x.t() @ x)
