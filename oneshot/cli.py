@@ -35,6 +35,9 @@ def _prune_parser(sub) -> None:
     p.add_argument("--dampening", type=float, default=0.01, help="sparsegpt dampening, fraction of mean diag(H)")
     p.add_argument("--magnitude-scope", default="layer", choices=("layer", "row"),
                    help="magnitude: one threshold per layer (default) or per row")
+    p.add_argument("--sparsegpt-scope", default="row", choices=("row", "block"),
+                   help="unstructured sparsegpt: prune the same count in every row of each column block (row, "
+                        "default) or one threshold over the whole block (block, as the reference code)")
     p.add_argument("--sequential", default="layer", choices=("layer", "linear"),
                    help="statistics of every linear from the dense layer (layer, default: two forward passes a "
                         "layer) or from inputs after the linears before it were pruned (linear: one pass)")
@@ -76,7 +79,7 @@ def _run_prune(args) -> int:
         dtype=args.dtype, device=args.device, batch_size=args.batch_size, ignore=args.ignore,
         overwrite=args.overwrite, blocksize=args.blocksize, dampening=args.dampening,
         magnitude_scope=args.magnitude_scope, sequential=args.sequential,
-        trust_remote_code=args.trust_remote_code,
+        sparsegpt_scope=args.sparsegpt_scope, trust_remote_code=args.trust_remote_code,
     )
     result = prune(config=config, progress=not (args.quiet or args.json))
     if args.json:

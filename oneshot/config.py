@@ -78,6 +78,7 @@ class PruneConfig:
     blocksize: int = 128
     dampening: float = 0.01
     magnitude_scope: str = "layer"  # "layer" (the papers) or "row"
+    sparsegpt_scope: str = "row"  # unstructured sparsegpt: equal count per row in each block, or "block" (reference)
     sequential: str = "layer"  # statistics from the dense layer; "linear": from inputs after the linears before were pruned
     trust_remote_code: bool = False
 
@@ -120,6 +121,8 @@ class PruneConfig:
                 raise OneshotError(f"--device {self.device} asked for, but no CUDA GPU is available")
         if self.magnitude_scope not in ("layer", "row"):
             raise OneshotError(f"--magnitude-scope must be 'layer' or 'row', got {self.magnitude_scope!r}")
+        if self.sparsegpt_scope not in ("row", "block"):
+            raise OneshotError(f"--sparsegpt-scope must be 'row' or 'block', got {self.sparsegpt_scope!r}")
         if self.sequential not in ("linear", "layer"):
             raise OneshotError(f"--sequential must be 'linear' or 'layer', got {self.sequential!r}")
         for pattern in self.ignore:

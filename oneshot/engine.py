@@ -3,11 +3,12 @@
 1. capture what every decoder layer receives (hidden states of layer 0; for each layer its own
    positional and keyword arguments: masks, position embeddings, positions) by running the model
    once per batch with the layers replaced by recorders that pass hidden states through;
-2. for each layer: onload it and forward the windows through it with a pre-hook on every linear
-   (:class:`_LayerPruner`): fp32 statistics of the linear's input are gathered over all windows
-   (one shared Hessian for linears that read the same input tensor), the linear is solved, and the
-   forward goes on through the *pruned* linear. The layer's outputs are the next layer's inputs;
-   each linear's output error is measured on the way. Then offload it.
+2. for each layer: onload it; forward the windows through it with a pre-hook on every linear
+   (:class:`_LayerPruner`) gathering fp32 statistics of its input (one shared Hessian for linears
+   that read the same input tensor); solve every linear; forward the windows again through the
+   *pruned* layer to make the next layer's inputs, measuring each linear's output error on the way;
+   offload it. With ``sequential="linear"`` each linear is instead solved in its pre-hook as soon as
+   its statistics are complete, so later linears see pruned inputs and one pass can do it all.
 """
 
 from __future__ import annotations

@@ -47,8 +47,8 @@ def test_perplexity_ordering(results):
     ppl, _ = results
     assert all(torch.isfinite(torch.tensor(v)) for v in ppl.values())
     assert ppl["dense"] < ppl["sparsegpt"] < ppl["wanda"] < ppl["magnitude"], ppl
-    assert ppl["sparsegpt"] < 2.0 * ppl["dense"], ppl
-    assert ppl["wanda"] < 3.0 * ppl["dense"], ppl
+    assert ppl["sparsegpt"] < 2.5 * ppl["dense"], ppl
+    assert ppl["wanda"] < 3.5 * ppl["dense"], ppl
 
 
 def test_output_reloads_with_tied_embeddings_and_exact_sparsity(results, eval_tokens):

