@@ -29,6 +29,7 @@ OPTIONS = {"blocksize": 32, "dampening": 0.01, "magnitude_scope": "layer"}
 
 @pytest.mark.parametrize("constraint", [Constraint(0.5), Constraint(0.5, 2, 4), Constraint(0.5, 4, 8), Constraint(0.7)])
 def test_error_ordering_sparsegpt_wanda_magnitude(constraint):
+    """At the same constraint the layer-output error orders sparsegpt < wanda < magnitude."""
     w, x, stats = _layer()
     errors = {name: _error(w, SOLVERS[name].fn(w, stats, constraint, OPTIONS).weight, x)
               for name in ("sparsegpt", "wanda", "magnitude")}
@@ -46,16 +47,19 @@ def test_nm_masks_exact_in_every_group(name, constraint):
     assert check_constraint(result.weight, constraint) is None
 
 
-@pytest.mark.parametrize("name", ["sparsegpt", "wanda", "magnitude"])
+@pytest.mark.parametrize("name,scope", [("sparsegpt", "row"), ("sparsegpt", "block"), ("wanda", "row"),
+                                        ("magnitude", "layer"), ("magnitude", "row")])
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.8])
-def test_unstructured_count_exact(name, sparsity):
+def test_unstructured_count_exact(name, scope, sparsity):
     w, _, stats = _layer(out_features=48, in_features=96, seed=2)
-    result = SOLVERS[name].fn(w, stats, Constraint(sparsity), OPTIONS)
-    if name == "wanda":  # compared per output row: every row exact
+    options = dict(OPTIONS, sparsegpt_scope=scope, magnitude_scope=scope)
+    result = SOLVERS[name].fn(w, stats, Constraint(sparsity), options)
+    if scope == "row":  # every output row exact
         assert (result.mask.sum(1) == n_pruned(96, sparsity)).all()
         expected = 48 * n_pruned(96, sparsity)
     else:  # one count per layer
         expected = n_pruned(w.numel(), sparsity)
+        assert result.mask.sum(1).unique().numel() > 1  # rows differ: the comparison spans the layer/block
     assert int(result.mask.sum()) == expected
     assert int((result.weight == 0).sum()) == expected
 
