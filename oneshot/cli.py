@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # bars transformers draws with tqdm directly (GGUF reading)
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()

@@ -165,3 +165,16 @@ def test_sequential_layer_mode_uses_dense_statistics(tiny_factory, calib_txt, tm
     assert not torch.equal(weights["linear"][o], weights["layer"][o])
     for mode in reports:
         assert reports[mode]["sparsity"] == pytest.approx(0.5)
+
+
+def test_quiet_prints_nothing_and_default_shows_progress(tiny_factory, calib_txt, tmp_path, capfd):
+    src = tiny_factory("llama")
+    capfd.readouterr()
+    assert main(["prune", src, "--calib", calib_txt, "--nsamples", "2", "--seqlen", "16", "--out", str(tmp_path / "q"),
+                 "--quiet"]) == 0
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert main(["prune", src, "--calib", calib_txt, "--nsamples", "2", "--seqlen", "16", "--out", str(tmp_path / "v"),
+                 "--method", "wanda"]) == 0
+    err = capfd.readouterr().err
+    assert "pruned LlamaForCausalLM with wanda" in err and "sparsity 0.5000" in err
