@@ -246,7 +246,7 @@ class _LayerPruner:
         """Solve every linear now: with no statistics (magnitude) or after a ``collect_only`` pass."""
         for name, module in self.linears.items():
             if self.spec.needs_stats and name not in self.leader:
-                raise OneshotError(f"{name} never ran in the layer's forward pass; --ignore it")
+                raise OneshotError(f"{name}: never ran in the layer's forward pass; --ignore them")
             self.solve(name, module)
 
     # -- output error of every pruned linear, on inputs that reach it after it was pruned
@@ -388,9 +388,8 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
                 pruner.solve_all()
             while any(o is None for o in outputs):
                 layer_passes += 1
-                if layer_passes > len(linears) + 3:
-                    missing = sorted(set(linears) - set(pruner.entries))
-                    raise OneshotError(f"{', '.join(missing)} never ran in the layer's forward pass; --ignore them")
+                if layer_passes > len(linears) + 3:  # no progress: some linear is never reached
+                    break
                 for b, hidden in enumerate(captured.hidden):
                     if outputs[b] is not None:
                         continue
@@ -403,8 +402,8 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
         finally:
             pruner.remove()
         missing = sorted(set(linears) - set(pruner.entries))
-        if missing:
-            raise OneshotError(f"{', '.join(missing)} never ran in the layer's forward pass; --ignore them")
+        if missing or any(o is None for o in outputs):
+            raise OneshotError(f"{', '.join(missing) or prefix}: never ran in the layer's forward pass; --ignore them")
         captured.hidden = outputs
         layer_linears = pruner.report()
         for entry in layer_linears:

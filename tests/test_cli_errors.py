@@ -179,3 +179,27 @@ def test_model_io_rejects_unsupported_layout():
 
     with pytest.raises(OneshotError, match="could not find the decoder layers"):
         model_io.find_decoder_layers(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_linear_that_never_runs_is_named(tiny_factory, calib_txt, tmp_path, capsys, monkeypatch):
+    """A linear inside a decoder block that the forward never calls cannot be pruned: one clear line."""
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "extra"
+    model = AutoModelForCausalLM.from_pretrained(tiny_factory("llama"))
+    model.save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (src / name).write_bytes(open(os.path.join(tiny_factory("llama"), name), "rb").read())
+    from transformers.models.llama import modeling_llama
+
+    init = modeling_llama.LlamaMLP.__init__
+
+    def with_unused(self, config):
+        init(self, config)
+        self.unused = torch.nn.Linear(config.hidden_size, 8, bias=False)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "__init__", with_unused)
+    for sequential in ("layer", "linear"):
+        rc, lines = run(base(str(src), calib_txt, tmp_path / f"o-{sequential}", "--sequential", sequential), capsys)
+        assert_one_error(rc, lines, "mlp.unused", "never ran")
+        assert not (tmp_path / f"o-{sequential}").exists()
