@@ -146,7 +146,7 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
         **body,
         "phases_seconds": {k: round(v, 3) for k, v in phases.items()},
         "versions": _versions(),
-        "command": " ".join(sys.argv) if sys.argv and sys.argv[0].endswith("oneshot") else None,
+        "argv": list(sys.argv),  # the command line of the process that pruned (the CLI's, or the caller's script)
     }
 
     if cfg.out is not None:

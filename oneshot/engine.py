@@ -123,7 +123,11 @@ def finish_hessian(hessian: torch.Tensor) -> None:
 
 
 class _LayerPruner:
-    """Forward pre-hooks that prune each linear of one decoder layer just before it first runs.
+    """Forward pre-hooks on the linears of one decoder layer: statistics, solving, output error.
+
+    By default (``sequential="layer"``) the engine first runs a ``collect_only`` pass, in which the
+    hooks only gather statistics from the dense layer, then calls :meth:`solve_all`. With
+    ``sequential="linear"`` each linear is pruned in its pre-hook just before it first runs:
 
     Statistics belong to a *leader*: the first linear to read a given input tensor. A linear that
     reads the very same tensor object in the same forward (k/v after q, up after gate) is its

@@ -83,8 +83,8 @@ def test_magnitude_layer_scope_is_one_threshold():
     assert (rows.mask.sum(1) == w.shape[1] // 2).all()
 
 
-def test_sparsegpt_reduces_to_obs_for_one_column_block():
-    """With blocksize 1 and diagonal H, SparseGPT's update is zero: result = masked weight."""
+def test_sparsegpt_with_diagonal_hessian_is_masking_by_obs_score():
+    """With a diagonal H the OBS update of the other weights is zero: result = masked weight."""
     w, _, _ = _layer(out_features=8, in_features=16, seed=5)
     diag = torch.rand(16) + 0.5
     stats = Stats(tokens=1, sq_norms=diag, hessian=torch.diag(diag))
