@@ -28,6 +28,7 @@ from .model_io import (
 
 SIDECAR = "oneshot_sparsity.json"
 REPORT = "report.json"
+PERMUTATIONS = "oneshot_permutations.safetensors"  # RIA's input-channel orders, where --ria-permute chose one
 
 
 @dataclass
@@ -64,9 +65,18 @@ def sparsity_metadata(report: dict) -> dict:
         "target_sparsity": report["target_sparsity"],
         "oneshot_version": report["versions"]["oneshot"],
         "layers": {
-            entry["name"]: {"sparsity": entry["sparsity"], "pattern": report["pattern"]} for entry in report["linears"]
+            entry["name"]: {"sparsity": entry["sparsity"], "pattern": report["pattern"],
+                            **({"input_permutation": PERMUTATIONS} if entry.get("permuted") else {})}
+            for entry in report["linears"]
         },
     }
+
+
+def solver_options(cfg: PruneConfig) -> dict:
+    """What the solvers and the per-linear update read from the config."""
+    names = ("blocksize", "dampening", "magnitude_scope", "sparsegpt_scope", "dsnot_init", "dsnot_cycles",
+             "dsnot_threshold", "dsnot_power", "ria_alpha", "ria_permute", "update")
+    return {name: getattr(cfg, name) for name in names}
 
 
 def prune(model: str | None = None, out: str | None = None, *, config: PruneConfig | None = None,
@@ -80,7 +90,7 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
     if config is None:
         if model is None:
             raise OneshotError("prune() needs a model (hub id, directory or .gguf file) or a config")
-        config = PruneConfig(model=model, out=out, **options)
+        config = PruneConfig.from_options(model, out, **options)
     cfg = config.validate()
     started = time.perf_counter()
     phases = {}
@@ -117,14 +127,18 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
         calibration.input_ids,
         cfg.method,
         constraint,
-        {"blocksize": cfg.blocksize, "dampening": cfg.dampening, "magnitude_scope": cfg.magnitude_scope,
-         "sparsegpt_scope": cfg.sparsegpt_scope},
+        solver_options(cfg),
         device=device,
         ignore=cfg.ignore,
         batch_size=cfg.batch_size,
-        sequential=cfg.sequential,
+        sequential=cfg.sequential_mode,
         progress=progress,
+        allocation={"kind": "owl", "m": cfg.owl_m, "lambda": cfg.owl_lambda} if cfg.allocation == "owl" else None,
+        heldout=cfg.heldout_windows,
+        block={"epochs": cfg.block_epochs, "lr": cfg.block_lr, "batch_windows": cfg.block_batch,
+               "target": cfg.block_target, "seed": cfg.seed} if cfg.update == "block" else None,
     )
+    permutations = body.pop("permutations")
     phases.update(body.pop("phases_seconds"))
 
     total = sum(e["shape"][0] * e["shape"][1] for e in body["linears"])
@@ -154,6 +168,10 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
         with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
             save_model(hf_model, tokenizer, tmp)
             write_json(os.path.join(tmp, SIDECAR), sparsity_metadata(report))
+            if permutations:
+                from safetensors.torch import save_file
+
+                save_file(permutations, os.path.join(tmp, PERMUTATIONS))
             report["phases_seconds"]["save"] = round(time.perf_counter() - t, 3)
             report["seconds"] = round(time.perf_counter() - started, 3)
             report["out"] = os.path.abspath(cfg.out)

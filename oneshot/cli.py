@@ -17,7 +17,9 @@ def _prune_parser(sub) -> None:
                        description="Prune every linear layer of a causal LM's decoder blocks, one layer at a time.")
     p.add_argument("model", help="hub id (owner/name), local checkpoint directory, or .gguf file")
     p.add_argument("--out", required=True, help="output directory (must be new or empty unless --overwrite)")
-    p.add_argument("--method", default="sparsegpt", help="solver: sparsegpt (default), wanda, magnitude")
+    p.add_argument("--method", default=None, help="solver: sparsegpt (default), wanda, magnitude, ria, dsnot")
+    p.add_argument("--preset", default=None, choices=("fast", "balanced", "best"),
+                   help="a tested combination of method and update (README, 'Presets'); explicit options override it")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of weights to zero, 0<s<1 (default 0.5)")
     p.add_argument("--pattern", default=None, help="'unstructured' (default) or N:M, e.g. 2:4, 4:8")
     p.add_argument("--calib", default="wikitext2",
@@ -38,9 +40,29 @@ def _prune_parser(sub) -> None:
     p.add_argument("--sparsegpt-scope", default="row", choices=("row", "block"),
                    help="unstructured sparsegpt: prune the same count in every row of each column block (row, "
                         "default) or one threshold over the whole block (block, as the reference code)")
-    p.add_argument("--sequential", default="layer", choices=("layer", "linear"),
-                   help="statistics of every linear from the dense layer (layer, default: two forward passes a "
-                        "layer) or from inputs after the linears before it were pruned (linear: one pass)")
+    p.add_argument("--sequential", default="auto", choices=("auto", "layer", "linear"),
+                   help="statistics of every linear from the dense layer (layer: two forward passes a layer) or "
+                        "from inputs after the linears before it were pruned (linear: one pass); auto (default): "
+                        "linear for sparsegpt, layer otherwise")
+    g = p.add_argument_group("DSnoT and RIA")
+    g.add_argument("--init", dest="dsnot_init", default=None, help="dsnot: initial mask from wanda (default), sparsegpt, magnitude, ria")
+    g.add_argument("--dsnot-cycles", type=int, default=None, help="dsnot: at most this many swaps per row (default 50)")
+    g.add_argument("--dsnot-threshold", type=float, default=None, help="dsnot: stop a row under this mean output error (default 0.1)")
+    g.add_argument("--dsnot-power", type=float, default=None, help="dsnot: regrow by W·E[x]/Var(x)^p (default p=1)")
+    g.add_argument("--ria-alpha", type=float, default=None, help="ria: exponent of ‖X_j‖ (default 0.5)")
+    g.add_argument("--ria-permute", action="store_true", default=None, help="ria with N:M: permute input channels (recorded, weights stay in order)")
+    g = p.add_argument_group("allocation and reconstruction")
+    g.add_argument("--allocation", default=None, choices=("uniform", "owl"), help="per-layer sparsity (default uniform)")
+    g.add_argument("--owl-m", type=float, default=None, help="owl: outlier = score above M x mean (default 5)")
+    g.add_argument("--owl-lambda", type=float, default=None, help="owl: sparsities within target +- lambda (default 0.08)")
+    g.add_argument("--update", default=None, choices=("none", "lstsq", "admm", "block"),
+                   help="new values for the kept weights, judged on held-out windows (default none)")
+    g.add_argument("--heldout", type=int, default=None, help="calibration windows held out to judge updates (default 1/8)")
+    g.add_argument("--block-epochs", type=int, default=None, help="block: epochs of Adam per decoder block (default 2)")
+    g.add_argument("--block-lr", type=float, default=None, help="block: Adam learning rate (default 1e-4)")
+    g.add_argument("--block-batch", type=int, default=None, help="block: windows per step (default 4)")
+    g.add_argument("--block-target", default=None, choices=("layer", "model"),
+                   help="block: match the dense block on the same inputs (layer, default) or the dense model's stream (model)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models with custom code")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
@@ -73,14 +95,8 @@ def _summary(report: dict) -> str:
 def _run_prune(args) -> int:
     from .api import prune
 
-    config = PruneConfig(
-        model=args.model, out=args.out, method=args.method, sparsity=args.sparsity, pattern=args.pattern,
-        calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, text_field=args.text_field,
-        dtype=args.dtype, device=args.device, batch_size=args.batch_size, ignore=args.ignore,
-        overwrite=args.overwrite, blocksize=args.blocksize, dampening=args.dampening,
-        magnitude_scope=args.magnitude_scope, sequential=args.sequential,
-        sparsegpt_scope=args.sparsegpt_scope, trust_remote_code=args.trust_remote_code,
-    )
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "model", "out", "preset", "quiet", "json")}
+    config = PruneConfig.from_options(args.model, args.out, args.preset, **options)
     result = prune(config=config, progress=not (args.quiet or args.json))
     if args.json:
         json.dump(result.report, sys.stdout, indent=2)

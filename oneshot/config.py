@@ -79,8 +79,40 @@ class PruneConfig:
     dampening: float = 0.01
     magnitude_scope: str = "layer"  # "layer" (the papers) or "row"
     sparsegpt_scope: str = "row"  # unstructured sparsegpt: equal count per row in each block, or "block" (reference)
-    sequential: str = "layer"  # statistics from the dense layer; "linear": from inputs after the linears before were pruned
+    sequential: str = "auto"  # "layer": statistics from the dense layer; "linear": from inputs after the linears before were pruned; "auto": linear for sparsegpt without --update block, else layer
     trust_remote_code: bool = False
+    # DSnoT and RIA
+    dsnot_init: str = "wanda"
+    dsnot_cycles: int = 50
+    dsnot_threshold: float = 0.1
+    dsnot_power: float = 1.0
+    ria_alpha: float = 0.5
+    ria_permute: bool = False
+    # per-layer sparsity
+    allocation: str = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    # reconstruction after the mask is fixed
+    update: str = "none"
+    heldout: int = 0  # windows held out to judge updates; 0 = automatic (1/8 of them) when --update is set
+    block_epochs: int = 2
+    block_lr: float = 1e-4
+    block_batch: int = 4
+    block_target: str = "layer"
+    preset: str | None = None
+
+    @classmethod
+    def from_options(cls, model: str, out: str | None = None, preset: str | None = None, **options) -> "PruneConfig":
+        """A config from a preset's settings, overridden by every option given explicitly."""
+        if preset is not None and preset not in PRESETS:
+            raise OneshotError(f"unknown --preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        merged = dict(PRESETS.get(preset, {}))
+        merged.update({k: v for k, v in options.items() if v is not None})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(merged) - names)
+        if unknown:
+            raise OneshotError(f"unknown option(s): {', '.join(unknown)}")
+        return cls(model=model, out=out, preset=preset, **merged)
 
     def validate(self) -> "PruneConfig":
         from .solvers import SOLVERS
@@ -123,8 +155,37 @@ class PruneConfig:
             raise OneshotError(f"--magnitude-scope must be 'layer' or 'row', got {self.magnitude_scope!r}")
         if self.sparsegpt_scope not in ("row", "block"):
             raise OneshotError(f"--sparsegpt-scope must be 'row' or 'block', got {self.sparsegpt_scope!r}")
-        if self.sequential not in ("linear", "layer"):
-            raise OneshotError(f"--sequential must be 'linear' or 'layer', got {self.sequential!r}")
+        if self.sequential not in ("auto", "linear", "layer"):
+            raise OneshotError(f"--sequential must be 'auto', 'linear' or 'layer', got {self.sequential!r}")
+        from .allocation import ALLOCATIONS
+        from .solvers.dsnot import INITS
+        from .solvers.update import UPDATES
+
+        if self.dsnot_init not in INITS:
+            raise OneshotError(f"--init must be one of {', '.join(INITS)}, got {self.dsnot_init!r}")
+        if self.dsnot_cycles < 0 or self.dsnot_threshold < 0:
+            raise OneshotError("--dsnot-cycles and --dsnot-threshold must be >= 0")
+        if self.ria_permute and (nm is None or self.method != "ria"):
+            raise OneshotError("--ria-permute needs --method ria and an N:M --pattern")
+        if self.allocation not in ALLOCATIONS:
+            raise OneshotError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation == "owl":
+            if nm is not None:
+                raise OneshotError("--allocation owl sets a sparsity per layer; it needs an unstructured --pattern")
+            if self.owl_m <= 0 or not 0 <= self.owl_lambda < 0.5:
+                raise OneshotError("--owl-m must be > 0 and --owl-lambda in [0, 0.5)")
+        if self.update not in UPDATES + ("block",):
+            raise OneshotError(f"--update must be one of {', '.join(UPDATES + ('block',))}, got {self.update!r}")
+        if self.update == "block" and self.sequential == "linear":
+            raise OneshotError("--update block needs --sequential layer")
+        if self.heldout < 0 or (self.heldout and self.heldout >= self.nsamples):
+            raise OneshotError(f"--heldout must be between 0 and --nsamples - 1, got {self.heldout}")
+        if self.update != "none" and self.nsamples < 2:
+            raise OneshotError(f"--update {self.update} holds out calibration windows to judge it: needs --nsamples >= 2")
+        if self.block_epochs < 0 or self.block_lr <= 0 or self.block_batch <= 0:
+            raise OneshotError("--block-epochs must be >= 0, --block-lr and --block-batch > 0")
+        if self.block_target not in ("layer", "model"):
+            raise OneshotError(f"--block-target must be 'layer' or 'model', got {self.block_target!r}")
         for pattern in self.ignore:
             try:
                 re.compile(pattern)
@@ -149,5 +210,29 @@ class PruneConfig:
             return Constraint(sparsity=1 - nm[0] / nm[1], n=nm[0], m=nm[1])
         return Constraint(sparsity=0.5 if self.sparsity is None else float(self.sparsity))
 
+    @property
+    def sequential_mode(self) -> str:
+        """``auto``: one pass a layer (``linear``) for SparseGPT, which measured the same perplexity on
+        SmolLM2-135M in about two thirds of the time; ``layer`` for the rest (Wanda 2:4 measured worse
+        with ``linear``) and whenever the block update needs the dense layer's outputs."""
+        if self.sequential != "auto":
+            return self.sequential
+        return "linear" if self.method == "sparsegpt" and self.update != "block" else "layer"
+
+    @property
+    def heldout_windows(self) -> int:
+        """Windows held out to judge updates: none without an update, else --heldout or 1/8 of them."""
+        if self.update == "none":
+            return 0
+        return self.heldout or max(1, self.nsamples // 8)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# Tested combinations (README, "Presets"); every explicit option overrides its preset's value.
+PRESETS: dict[str, dict] = {
+    "fast": {"method": "wanda"},
+    "balanced": {"method": "sparsegpt"},
+    "best": {"method": "sparsegpt", "update": "block", "block_epochs": 4, "block_lr": 1e-4, "block_target": "layer"},
+}

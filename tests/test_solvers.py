@@ -138,11 +138,13 @@ def test_masks_helpers():
     assert check_constraint(torch.tensor([[1.0, 1.0, 1.0, 0.0]]), Constraint(0.5, 2, 4)) is not None
 
 
-def test_symmetric_hessian_accumulation_equals_full():
-    from oneshot.engine import accumulate_hessian, finish_hessian
+@pytest.mark.parametrize("dim", [64, 577, 1030, 1601])  # 1, 2, 3 and 4 blocks
+def test_block_triangular_hessian_accumulation_equals_full(dim):
+    from oneshot.engine import accumulate_hessian, finish_hessian, hessian_blocks
 
-    x = torch.randn(300, 1030, dtype=torch.float64)
-    h = torch.zeros(1030, 1030, dtype=torch.float64)
+    assert len(hessian_blocks(dim)) - 1 == {64: 1, 577: 2, 1030: 3, 1601: 4}[dim]
+    x = torch.randn(300, dim, dtype=torch.float64)
+    h = torch.zeros(dim, dim, dtype=torch.float64)
     accumulate_hessian(h, x[:100])
     accumulate_hessian(h, x[100:])
     finish_hessian(h)

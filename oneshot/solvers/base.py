@@ -14,13 +14,25 @@ from ..config import Constraint
 class Stats:
     """Statistics of one linear's input, accumulated in fp32 over every calibration token.
 
-    ``sq_norms[j]`` is Σ x_j² (so ‖X_j‖₂ = sqrt); ``hessian`` is Σ x xᵀ when the solver asks for it.
+    ``sq_norms[j]`` is Σ x_j² (so ‖X_j‖₂ = sqrt); ``sums[j]`` is Σ x_j (DSnoT's input means);
+    ``hessian`` is Σ x xᵀ when the solver or the update asks for it. With held-out calibration
+    windows (``--update``), these come from the fitting windows only and ``heldout`` holds the same
+    statistics of the held-out windows, to judge updates on data they were not fitted to.
     """
 
     tokens: int
     sq_norms: torch.Tensor
     hessian: torch.Tensor | None = None
+    sums: torch.Tensor | None = None
+    heldout: "Stats | None" = None
     cache: dict = field(default_factory=dict)  # derived results shared by linears with the same input
+
+    def mean(self) -> torch.Tensor:
+        return self.sums / max(self.tokens, 1)
+
+    def variance(self) -> torch.Tensor:
+        mean = self.mean()
+        return (self.sq_norms / max(self.tokens, 1) - mean * mean).clamp_min(0.0)
 
 
 class SolverResult(NamedTuple):

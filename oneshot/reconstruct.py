@@ -1,0 +1,154 @@
+"""``--update block``: a few Adam steps on the kept weights of one decoder block, masks frozen.
+
+The block's pruned output is fitted to a target on the fitting windows: the dense block's output on
+the same inputs (``--block-target layer``, as the issue and most papers do it) or the dense model's
+hidden state at this depth (``--block-target model``, which also lets a block correct the error the
+blocks before it left). After every epoch the loss on the held-out windows is measured; the weights
+of the best epoch are kept, and only if they beat the solver's weights there. Every step re-applies
+the masks, so sparsity and N:M groups stay exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+
+def slice_windows(obj, index: torch.Tensor, batch: int):
+    """``obj`` (tensors in tuples/lists/dicts) with every tensor whose first dimension is the batch cut
+    to ``index``; tensors shared across the batch (first dimension 1 or other) pass unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return obj[index] if obj.dim() > 0 and obj.shape[0] == batch and batch > 1 else obj
+    if isinstance(obj, tuple):
+        return tuple(slice_windows(o, index, batch) for o in obj)
+    if isinstance(obj, list):
+        return [slice_windows(o, index, batch) for o in obj]
+    if isinstance(obj, dict):
+        return {k: slice_windows(v, index, batch) for k, v in obj.items()}
+    return obj
+
+
+def _windows(hidden: list[torch.Tensor], args: list, device) -> list[tuple]:
+    """One (hidden, args, kwargs) per window, from the per-batch captured inputs."""
+    out = []
+    for h, (a, kw) in zip(hidden, args):
+        batch = h.shape[0]
+        for i in range(batch):
+            idx = torch.tensor([i])
+            out.append((h[i : i + 1], slice_windows(a, idx, batch), slice_windows(kw, idx, batch)))
+    return out
+
+
+def _stack(items: list[tuple], device):
+    """Concatenate windows that share the same args structure into one forward batch."""
+    from .engine import _to
+
+    hidden = torch.cat([h for h, _, _ in items]).to(device)
+
+    def cat(objs):
+        first = objs[0]
+        if isinstance(first, torch.Tensor):
+            if first.dim() > 0 and first.shape[0] == 1 and not all(o is first for o in objs):
+                same = all(torch.equal(o, first) for o in objs[1:])
+                return first if same else torch.cat(objs)
+            return first
+        if isinstance(first, tuple):
+            return tuple(cat([o[k] for o in objs]) for k in range(len(first)))
+        if isinstance(first, list):
+            return [cat([o[k] for o in objs]) for k in range(len(first))]
+        if isinstance(first, dict):
+            return {k: cat([o[k] for o in objs]) for k in first}
+        return first
+
+    args = cat([a for _, a, _ in items])
+    kwargs = cat([kw for _, _, kw in items])
+    return hidden, _to(args, device), _to(kwargs, device)
+
+
+def _keep_in_param_layout(module: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """The keep mask laid out like ``module.weight`` (GPT-2's Conv1D stores Wᵀ)."""
+    from transformers.pytorch_utils import Conv1D
+
+    keep = ~mask
+    return keep.t() if isinstance(module, Conv1D) else keep
+
+
+def reconstruct_block(layer: nn.Module, linears: dict[str, nn.Module], masks: dict[str, torch.Tensor],
+                      hidden: list[torch.Tensor], layer_args: list, targets: list[torch.Tensor], heldout: int,
+                      *, epochs: int, lr: float, batch_windows: int, seed: int, device) -> dict:
+    """Fit the kept weights of ``layer`` in place; returns what the report says.
+
+    ``hidden``/``layer_args``/``targets`` are per captured forward batch; the last ``heldout``
+    windows judge. The block is trained in fp32 and cast back to its dtype.
+    """
+    from .engine import _forward
+
+    windows = _windows(hidden, layer_args, device)
+    target = torch.cat(list(targets))  # [windows, seq, hidden]
+    n = len(windows)
+    heldout = max(1, min(heldout, n - 1))
+    fit_idx, val_idx = list(range(n - heldout)), list(range(n - heldout, n))
+    dtype = next(layer.parameters()).dtype
+    layer.to(torch.float32)
+    flags = [(p, p.requires_grad) for p in layer.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    params = [linears[name].weight for name in linears]
+    pruned = [~_keep_in_param_layout(linears[name], masks[name]).to(device) for name in linears]
+    original = [p.detach().clone() for p in params]
+    for p in params:
+        p.requires_grad_(True)
+
+    def loss_on(idx: list[int], grad: bool) -> torch.Tensor:
+        h, a, kw = _stack([windows[i] for i in idx], device)
+        with torch.set_grad_enabled(grad):
+            out = _forward(layer, h, a, kw)
+            return torch.nn.functional.mse_loss(out.float(), target[idx].to(device).float())
+
+    def heldout_loss() -> float:
+        total = 0.0
+        for start in range(0, len(val_idx), batch_windows):
+            part = val_idx[start : start + batch_windows]
+            total += float(loss_on(part, False)) * len(part)
+        return total / len(val_idx)
+
+    before = heldout_loss()
+    best, best_epoch, best_state = before, 0, original
+    opt = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    try:
+        for epoch in range(1, epochs + 1):
+            order = torch.randperm(len(fit_idx), generator=gen).tolist()
+            for start in range(0, len(order), batch_windows):
+                part = [fit_idx[i] for i in order[start : start + batch_windows]]
+                opt.zero_grad(set_to_none=True)
+                loss_on(part, True).backward()
+                for p, off in zip(params, pruned):
+                    p.grad.masked_fill_(off, 0.0)
+                opt.step()
+                with torch.no_grad():
+                    for p, off in zip(params, pruned):
+                        p.masked_fill_(off, 0.0)  # +0.0, never -0.0
+            val = heldout_loss()
+            history.append(val)
+            if val < best:
+                best, best_epoch = val, epoch
+                best_state = [p.detach().clone() for p in params]
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, best_state):
+                p.copy_(w)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        layer.to(dtype)
+    return {
+        "heldout_loss_before": before,
+        "heldout_loss_after": best,
+        "epochs_kept": best_epoch,
+        "heldout_history": [round(v, 8) for v in history],
+        "kept": best < before,
+        "fit_windows": len(fit_idx),
+        "heldout_windows": len(val_idx),
+    }
