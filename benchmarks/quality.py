@@ -42,8 +42,10 @@ def ppl_of(path_or_gguf: str, eval_windows: int, eval_seqlen: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--methods", default="sparsegpt,wanda,magnitude")
-    ap.add_argument("--patterns", default="unstructured,2:4")
+    ap.add_argument("--methods", default="sparsegpt,wanda,magnitude",
+                    help="comma list of methods, or LABEL=FLAGS entries separated by ';' "
+                         "(e.g. 'dsnot-sgpt=--method dsnot --init sparsegpt;owl=--method wanda --allocation owl')")
+    ap.add_argument("--patterns", default="unstructured,2:4", help="unstructured (at --sparsity), N:M, or a sparsity like 0.7")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -60,15 +62,22 @@ def main() -> None:
     dense = ppl_of(gguf, args.eval_windows, args.eval_seqlen)
     rows.append({"tool": "dense", "method": "dense", "pattern": "-", "perplexity": dense})
     print(f"dense: {dense:.3f}", flush=True)
+    if "=" in args.methods:
+        variants = [tuple(part.split("=", 1)) for part in args.methods.split(";") if part.strip()]
+    else:
+        variants = [(m, f"--method {m}") for m in args.methods.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        for method in args.methods.split(","):
+        for method, flags in variants:
             for pattern in args.patterns.split(","):
                 out = os.path.join(tmp, f"{method}-{pattern.replace(':', 'of')}")
-                cmd = [sys.executable, "-m", "oneshot", "prune", gguf, "--method", method, "--pattern", pattern,
+                cmd = [sys.executable, "-m", "oneshot", "prune", gguf, *flags.split(),
                        "--calib", VALID, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                        "--out", out, "--json"]
-                if pattern == "unstructured":
-                    cmd += ["--sparsity", str(args.sparsity)]
+                if ":" in pattern:
+                    cmd += ["--pattern", pattern]
+                else:
+                    cmd += ["--sparsity", str(args.sparsity if pattern == "unstructured" else float(pattern))]
+                    pattern = f"{float(cmd[-1]):.0%} unstructured"
                 cmd += args.extra.split()
                 t = time.perf_counter()
                 proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -84,6 +93,7 @@ def main() -> None:
                     "prune_seconds": round(prune_s, 1), "wall_seconds": round(wall, 1),
                     "peak_rss_gib": round(report["peak_memory"]["host_rss_bytes"] / 2**30, 2),
                     "sparsity": report["sparsity"], "mean_relative_error": report["mean_relative_error"],
+                    "flags": flags,
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -59,10 +59,10 @@ def _prune_parser(sub) -> None:
                    help="new values for the kept weights, judged on held-out windows (default none)")
     g.add_argument("--heldout", type=int, default=None, help="calibration windows held out to judge updates (default 1/8)")
     g.add_argument("--block-epochs", type=int, default=None, help="block: epochs of Adam per decoder block (default 2)")
-    g.add_argument("--block-lr", type=float, default=None, help="block: Adam learning rate (default 1e-4)")
-    g.add_argument("--block-batch", type=int, default=None, help="block: windows per step (default 4)")
+    g.add_argument("--block-lr", type=float, default=None, help="block: Adam learning rate (default 1e-3)")
+    g.add_argument("--block-batch", type=int, default=None, help="block: windows per step (default 2)")
     g.add_argument("--block-target", default=None, choices=("layer", "model"),
-                   help="block: match the dense block on the same inputs (layer, default) or the dense model's stream (model)")
+                   help="block: match the dense model's hidden state at this depth (model, default) or the dense block on the same inputs (layer)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models with custom code")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")

@@ -96,9 +96,9 @@ class PruneConfig:
     update: str = "none"
     heldout: int = 0  # windows held out to judge updates; 0 = automatic (1/8 of them) when --update is set
     block_epochs: int = 2
-    block_lr: float = 1e-4
-    block_batch: int = 4
-    block_target: str = "layer"
+    block_lr: float = 1e-3
+    block_batch: int = 2
+    block_target: str = "model"
     preset: str | None = None
 
     @classmethod
@@ -234,5 +234,6 @@ class PruneConfig:
 PRESETS: dict[str, dict] = {
     "fast": {"method": "wanda"},
     "balanced": {"method": "sparsegpt"},
-    "best": {"method": "sparsegpt", "update": "block", "block_epochs": 4, "block_lr": 1e-4, "block_target": "layer"},
+    "best": {"method": "sparsegpt", "update": "block", "block_epochs": 4, "block_lr": 1e-3, "block_batch": 2,
+             "block_target": "model"},
 }
