@@ -86,7 +86,8 @@ def main() -> None:
                     raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
                 report = json.loads(proc.stdout)
                 ph = report["phases_seconds"]
-                prune_s = ph["capture"] + ph["prune_and_propagate"]  # the layer-by-layer work, as the peer's oneshot()
+                # the layer-by-layer work, as the peer's oneshot(), and OWL's dense pre-pass when there is one
+                prune_s = ph["capture"] + ph["prune_and_propagate"] + ph.get("allocation", 0.0)
                 row = {
                     "tool": "oneshot", "method": method, "pattern": pattern,
                     "perplexity": ppl_of(out, args.eval_windows, args.eval_seqlen),
