@@ -163,6 +163,11 @@ def get_weight(module: nn.Module) -> torch.Tensor:
     return weight.to(torch.float32).clone()
 
 
+def in_weight_layout(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+    """An [out, in] matrix (a mask) laid out like ``module.weight`` (Conv1D stores [in, out])."""
+    return matrix if isinstance(module, nn.Linear) else matrix.t()
+
+
 def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Write an [out, in] weight back in the module's own dtype and layout."""
     if not isinstance(module, nn.Linear):

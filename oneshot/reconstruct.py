@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .model_io import in_weight_layout
+
 
 
 def slice_windows(obj, index: torch.Tensor, batch: int):
@@ -66,14 +68,6 @@ def _stack(items: list[tuple], device):
     return hidden, _to(args, device), _to(kwargs, device)
 
 
-def _keep_in_param_layout(module: nn.Module, mask: torch.Tensor) -> torch.Tensor:
-    """The keep mask laid out like ``module.weight`` (GPT-2's Conv1D stores Wᵀ)."""
-    from transformers.pytorch_utils import Conv1D
-
-    keep = ~mask
-    return keep.t() if isinstance(module, Conv1D) else keep
-
-
 def reconstruct_block(layer: nn.Module, linears: dict[str, nn.Module], masks: dict[str, torch.Tensor],
                       hidden: list[torch.Tensor], layer_args: list, targets: list[torch.Tensor], heldout: int,
                       *, epochs: int, lr: float, batch_windows: int, seed: int, device) -> dict:
@@ -95,7 +89,7 @@ def reconstruct_block(layer: nn.Module, linears: dict[str, nn.Module], masks: di
     for p, _ in flags:
         p.requires_grad_(False)
     params = [linears[name].weight for name in linears]
-    pruned = [~_keep_in_param_layout(linears[name], masks[name]).to(device) for name in linears]
+    pruned = [in_weight_layout(linears[name], masks[name]).to(device) for name in linears]
     original = [p.detach().clone() for p in params]
     for p in params:
         p.requires_grad_(True)

@@ -38,8 +38,10 @@ def test_ria_score_matches_definition():
     assert torch.allclose(ria_score(w, st), want)
     res = SOLVERS["ria"].fn(w, st, Constraint(0.5), {})
     assert (res.mask.sum(1) == n_pruned(w.shape[1], 0.5)).all()  # compared within rows
-    kept = torch.where(res.mask, torch.full_like(want, -1.0), want)
-    assert kept.max(1).values.min() >= 0 and (want[res.mask].max() <= want.max())
+    # within every row, each pruned score is at most each kept one
+    pruned_max = torch.where(res.mask, want, torch.full_like(want, -1.0)).max(1).values
+    kept_min = torch.where(res.mask, torch.full_like(want, float("inf")), want).min(1).values
+    assert (pruned_max <= kept_min).all()
 
 
 def test_ria_permutation_restores_order_and_is_nm_along_it():
@@ -114,7 +116,7 @@ def test_updates_are_judged_on_heldout_windows(kind):
     new, info = update_weight(kind, w, res.weight, res.mask, st)
     assert info["update_judged_on"] == "held-out windows"
     assert info["update_error_after"] <= info["update_error_before"]
-    assert torch.equal(new == 0, res.weight == 0) or (new[res.mask] == 0).all()
+    assert (new[res.mask] == 0).all() and not torch.equal(new, res.weight)
     assert info["update_fit_error_after"] < info["update_fit_error_before"]  # plenty of tokens: it helps
     # with far too few fitting tokens the held-out judge must refuse an overfitted update
     tiny = _stats(x[:8])
@@ -212,9 +214,9 @@ def test_owl_end_to_end_weighted_mean(tiny_factory, calib_txt, tmp_path):
     assert abs(zeros / total - 0.7) <= max(0.5 / e["shape"][1] for e in report["linears"])
 
 
-@pytest.mark.parametrize("target", ["layer", "model"])
-def test_block_update_keeps_masks_and_lowers_heldout_loss(target, tiny_factory, calib_txt, tmp_path):
-    src = tiny_factory("llama")
+@pytest.mark.parametrize("arch,target", [("llama", "layer"), ("llama", "model"), ("gpt2", "model")])
+def test_block_update_keeps_masks_and_lowers_heldout_loss(arch, target, tiny_factory, calib_txt, tmp_path):
+    src = tiny_factory(arch)  # gpt2: Conv1D stores the weight transposed
     out = tmp_path / "out"
     report = _prune(src, calib_txt, out, "--method", "wanda", "--pattern", "2:4", "--update", "block",
                     "--block-epochs", "3", "--block-lr", "1e-3", "--block-batch", "2", "--block-target", target)

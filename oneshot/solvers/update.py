@@ -36,10 +36,11 @@ def _normalised(stats: Stats) -> torch.Tensor:
 
 
 def lstsq_rows(dense: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, h: torch.Tensor, lam: float,
-               chunk: int = 64) -> torch.Tensor:
+               chunk: int = 64, target: torch.Tensor | None = None) -> torch.Tensor:
     """Per output row: (H_KK + λI) w_K = (H W₀ᵀ)_K + λ w_K on its kept set K; pruned entries 0.
-    Rows with the same kept count are solved as one batched Cholesky, ``chunk`` rows at a time."""
-    target = dense @ h
+    Rows with the same kept count are solved as one batched Cholesky, ``chunk`` rows at a time.
+    ``target`` is W₀H when the caller already has it."""
+    target = dense @ h if target is None else target
     keep = ~mask
     counts = keep.sum(1)
     out = torch.zeros_like(weight)
@@ -62,8 +63,9 @@ def lstsq_candidates(dense: torch.Tensor, weight: torch.Tensor, mask: torch.Tens
     """Yield (label, weight) for each ridge strength of the per-row least squares."""
     h = _normalised(stats).to(dense)
     scale = float(h.diagonal().mean())
+    target = dense @ h
     for ridge in LSTSQ_RIDGES:
-        yield f"lstsq ridge {ridge:g}", lstsq_rows(dense, weight, mask, h, ridge * scale)
+        yield f"lstsq ridge {ridge:g}", lstsq_rows(dense, weight, mask, h, ridge * scale, target=target)
 
 
 def admm_candidates(dense: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, stats: Stats,
