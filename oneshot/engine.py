@@ -101,8 +101,8 @@ def capture_inputs(model, layers: nn.ModuleList, batches: list[torch.Tensor], de
 
 def hessian_blocks(dim: int) -> list[int]:
     """Block edges for accumulating H = xᵀx by its lower block triangle only: about 384 columns a
-    block, at most 4 blocks (10 of 16 blocks' flops). On this machine's CPU that measured 1.2x faster
-    at width 576 and 1.45x at 1536 than one full product; narrower inputs use one block."""
+    block, at most 4 blocks (10 of 16 blocks' flops); narrower inputs use one block. Speed against one
+    full product: ``benchmarks/hessian_blocks.py``."""
     nb = max(1, min(4, round(dim / 384)))
     return [dim * i // nb for i in range(nb + 1)]
 
