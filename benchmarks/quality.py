@@ -53,15 +53,17 @@ def main() -> None:
     ap.add_argument("--eval-seqlen", type=int, default=1024)
     ap.add_argument("--peer-python", default=None, help="a python with llmcompressor, to run the peer too")
     ap.add_argument("--peer-methods", default="sparsegpt,wanda")
+    ap.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model again")
     ap.add_argument("--extra", default="", help="extra flags for every oneshot prune")
     ap.add_argument("--json-out", default=os.path.join(ROOT, "benchmarks", "out", "quality.json"))
     args = ap.parse_args()
 
     gguf = smollm2_gguf()
     rows = []
-    dense = ppl_of(gguf, args.eval_windows, args.eval_seqlen)
-    rows.append({"tool": "dense", "method": "dense", "pattern": "-", "perplexity": dense})
-    print(f"dense: {dense:.3f}", flush=True)
+    if not args.skip_dense:
+        dense = ppl_of(gguf, args.eval_windows, args.eval_seqlen)
+        rows.append({"tool": "dense", "method": "dense", "pattern": "-", "perplexity": dense})
+        print(f"dense: {dense:.3f}", flush=True)
     if "=" in args.methods:
         variants = [tuple(part.split("=", 1)) for part in args.methods.split(";") if part.strip()]
     else:
@@ -70,9 +72,11 @@ def main() -> None:
         for method, flags in variants:
             for pattern in args.patterns.split(","):
                 out = os.path.join(tmp, f"{method}-{pattern.replace(':', 'of')}")
-                cmd = [sys.executable, "-m", "oneshot", "prune", gguf, *flags.split(),
+                # a variant's own flags come after the defaults, so that it may override them
+                # (argparse keeps the last): "n128=--method sparsegpt --nsamples 128", "--calib self"
+                cmd = [sys.executable, "-m", "oneshot", "prune", gguf,
                        "--calib", VALID, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                       "--out", out, "--json"]
+                       "--out", out, "--json", *flags.split()]
                 if ":" in pattern:
                     cmd += ["--pattern", pattern]
                 else:

@@ -12,23 +12,26 @@ import torch
 
 from . import __version__
 from .calibration import Calibration, describe_source, generate_calibration, load_calibration
-from .config import OneshotError, PruneConfig
+from .config import EvalConfig, OneshotError, PruneConfig
+from .evaluate import Evaluator
+from .report import check_plotting
+from .report import plot as plot_report
 from .engine import prune_layers
 from .model_io import (
     atomic_output_dir,
     context_length,
     inspect_structure,
+    is_linear,
     load_config,
     load_model,
     load_tokenizer,
     resolve_source,
     save_model,
+    stores_transposed,
     write_json,
 )
 
-SIDECAR = "oneshot_sparsity.json"
-REPORT = "report.json"
-PERMUTATIONS = "oneshot_permutations.safetensors"  # RIA's input-channel orders, where --ria-permute chose one
+from .formats.store import PERMUTATIONS, REPORT, SIDECAR, describe_storage, rewrite  # noqa: E402
 
 
 @dataclass
@@ -56,8 +59,9 @@ def _versions() -> dict:
     }
 
 
-def sparsity_metadata(report: dict) -> dict:
-    """The sidecar that says how the checkpoint was pruned (loaders ignore unknown files)."""
+def sparsity_metadata(report: dict, transposed: set[str] = frozenset()) -> dict:
+    """The sidecar that says how the checkpoint was pruned and how its weights are stored (loaders
+    ignore unknown files). ``transposed``: layers whose weight is stored [in, out] (Conv1D)."""
     return {
         "format": "dense",
         "method": report["method"],
@@ -65,7 +69,8 @@ def sparsity_metadata(report: dict) -> dict:
         "target_sparsity": report["target_sparsity"],
         "oneshot_version": report["versions"]["oneshot"],
         "layers": {
-            entry["name"]: {"sparsity": entry["sparsity"], "pattern": report["pattern"],
+            entry["name"]: {"sparsity": entry["sparsity"], "zeros": entry["zeros"], "pattern": report["pattern"],
+                            **({"transposed": True} if entry["name"] in transposed else {}),
                             **({"input_permutation": PERMUTATIONS} if entry.get("permuted") else {})}
             for entry in report["linears"]
         },
@@ -80,12 +85,16 @@ def solver_options(cfg: PruneConfig) -> dict:
 
 
 def prune(model: str | None = None, out: str | None = None, *, config: PruneConfig | None = None,
-          progress: bool = True, **options) -> PruneResult:
+          progress: bool = True, evaluation: EvalConfig | None = None, eval_baseline: bool = False,
+          plot: bool = False, **options) -> PruneResult:
     """Prune a causal LM once and optionally write it to ``out``.
 
     ``prune("HuggingFaceTB/SmolLM2-135M", "out/", method="wanda", sparsity=0.5, calib="data.txt")``;
     every keyword is a :class:`PruneConfig` field. Raises :class:`OneshotError` on bad input, before
     the model is loaded wherever that is possible.
+
+    ``evaluation``: measure the pruned model (and with ``eval_baseline`` the dense one) after it is
+    written; the results go to ``report["eval"]``. ``plot``: also write ``report.png`` (needs ``out``).
     """
     if config is None:
         if model is None:
@@ -94,6 +103,11 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
     cfg = config.validate()
     started = time.perf_counter()
     phases = {}
+    if plot:
+        if cfg.out is None:
+            raise OneshotError("--plot writes report.png into the output: it needs --out")
+        check_plotting()
+    evaluator = Evaluator(evaluation, progress) if evaluation is not None else None  # text and tasks, up front
 
     # --- everything that can fail fast, before the weights are read
     t = time.perf_counter()
@@ -142,7 +156,8 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
     phases.update(body.pop("phases_seconds"))
 
     total = sum(e["shape"][0] * e["shape"][1] for e in body["linears"])
-    zeros = sum(e["sparsity"] * e["shape"][0] * e["shape"][1] for e in body["linears"])
+    zeros = sum(e["zeros"] for e in body["linears"])
+    params = list(hf_model.parameters())  # tied weights counted once
     report = {
         "model": cfg.model,
         "source": source.kind,
@@ -153,6 +168,8 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
         "target_sparsity": constraint.sparsity,
         "sparsity": zeros / total if total else 0.0,
         "pruned_parameters": total,
+        "total_parameters": sum(p.numel() for p in params),
+        "nonzero_parameters": int(sum(int(torch.count_nonzero(p)) for p in params)),
         "mean_relative_error": sum(e["relative_error"] for e in body["linears"]) / max(len(body["linears"]), 1),
         "calibration": calibration.info,
         "device": str(device),
@@ -167,16 +184,39 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
         t = time.perf_counter()
         with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
             save_model(hf_model, tokenizer, tmp)
-            write_json(os.path.join(tmp, SIDECAR), sparsity_metadata(report))
+            transposed = {name for name, module in hf_model.named_modules() if is_linear(module)
+                          and stores_transposed(module)}
+            write_json(os.path.join(tmp, SIDECAR), sparsity_metadata(report, transposed))
             if permutations:
                 from safetensors.torch import save_file
 
                 save_file(permutations, os.path.join(tmp, PERMUTATIONS))
+            if cfg.format == "dense":
+                report["storage"] = describe_storage(tmp)
+            else:
+                report["storage"] = rewrite(tmp, cfg.format)
             report["phases_seconds"]["save"] = round(time.perf_counter() - t, 3)
             report["seconds"] = round(time.perf_counter() - started, 3)
             report["out"] = os.path.abspath(cfg.out)
             write_json(os.path.join(tmp, REPORT), report)
+            if plot:
+                plot_report(report, os.path.join(tmp, "report.png"))
     else:
         report["seconds"] = round(time.perf_counter() - started, 3)
         report["out"] = None
+    if evaluator is not None:
+        t = time.perf_counter()
+        report["eval"] = {"config": evaluation.to_dict(), "pruned": evaluator(hf_model, tokenizer, device)}
+        if eval_baseline:
+            from .evaluate import compare
+
+            dense_model = load_model(source, cfg.dtype, cfg.trust_remote_code)
+            report["eval"]["dense"] = evaluator(dense_model, tokenizer, device)
+            report["eval"]["delta"] = compare(report["eval"]["pruned"], report["eval"]["dense"])
+            del dense_model
+        report["phases_seconds"]["eval"] = round(time.perf_counter() - t, 3)
+        if cfg.out is not None:  # the output is complete already; the report gains the results atomically
+            path = os.path.join(cfg.out, REPORT)
+            write_json(path + ".tmp", report)
+            os.replace(path + ".tmp", path)
     return PruneResult(hf_model, tokenizer, report, report["out"])

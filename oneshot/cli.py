@@ -7,7 +7,7 @@ import json
 import sys
 
 from . import __version__
-from .config import OneshotError, PruneConfig
+from .config import PAPER_TASKS, EvalConfig, OneshotError, PruneConfig
 
 EXIT_USAGE = 2
 
@@ -63,10 +63,66 @@ def _prune_parser(sub) -> None:
     g.add_argument("--block-batch", type=int, default=None, help="block: windows per step (default 2)")
     g.add_argument("--block-target", default=None, choices=("layer", "model"),
                    help="block: match the dense model's hidden state at this depth (model, default) or the dense block on the same inputs (layer)")
+    g = p.add_argument_group("output")
+    g.add_argument("--format", default=None, help="weights on disk: dense (default; plain transformers loads it), "
+                   "packed24 (2:4 only, 56%% of 16-bit dense), bitmask (any pattern)")
+    g.add_argument("--plot", action="store_true", help="also write report.png: per-layer sparsity and error (matplotlib)")
+    g.add_argument("--eval", action="store_true", help="evaluate the pruned model after writing it (see 'oneshot eval')")
+    g.add_argument("--eval-baseline", action="store_true", help="with --eval: evaluate the dense model too, side by side")
+    _eval_options(p, prefix="eval-")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models with custom code")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+
+
+def _eval_options(p, prefix: str = "") -> None:
+    """Evaluation flags, shared by `eval` and by `prune --eval` (there with an eval- prefix where they clash)."""
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--ppl", default="wikitext2", help="perplexity text: wikitext2 (default), c4, PATH to a text file, none")
+    g.add_argument(f"--{prefix}seqlen", dest="eval_seqlen", type=int, default=2048, help="perplexity window (default 2048)")
+    g.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    g.add_argument("--tasks", default=",".join(PAPER_TASKS),
+                   help="lm-eval tasks, comma-separated, or none (default: the papers' zero-shot set)")
+    g.add_argument("--include-path", default=None, help="a directory of lm-eval task YAML files (local tasks)")
+    g.add_argument("--limit", type=float, default=None, help="lm-eval: at most N examples per task (or a fraction)")
+    g.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples (default 0)")
+    g.add_argument(f"--{prefix}batch-size", dest="eval_batch_size", type=int, default=1, help="evaluation batch size")
+
+
+def _convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="rewrite a oneshot output's weights in another format",
+                       description="Rewrite the weights of a oneshot output in another on-disk format. In place "
+                                   "(atomically) unless --out is given.")
+    p.add_argument("dir", help="a oneshot output directory")
+    p.add_argument("--format", required=True, help="dense, packed24 (2:4 outputs only) or bitmask")
+    p.add_argument("--out", default=None, help="write here instead of replacing DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _quiet_json(p, "print nothing on success", "the storage summary")
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity and lm-eval zero-shot accuracy of a model or a oneshot output",
+                       description="Evaluate a oneshot output (any format) or any model (hub id, directory, .gguf).")
+    p.add_argument("model", help="oneshot output directory, hub id, local checkpoint directory, or .gguf file")
+    p.add_argument("--baseline", default=None, help="also evaluate this model (e.g. the dense one) and show deltas")
+    _eval_options(p)
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, float16, bfloat16")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow models with custom code")
+    _quiet_json(p, "no progress bars or table", "the results")
+
+
+def _verify_parser(sub) -> None:
+    p = sub.add_parser("verify", help="check that a oneshot output meets its recorded patterns and runs",
+                       description="Check patterns, NaN/Inf, -0.0 in pruned slots, tied weights, and a forward pass.")
+    p.add_argument("dir", help="a oneshot output directory (any format)")
+    _quiet_json(p, "print only failures", "the result")
+
+
+def _quiet_json(p, quiet: str, what: str) -> None:
+    p.add_argument("--quiet", "-q", action="store_true", help=quiet)
+    p.add_argument("--json", action="store_true", help=f"print {what} as JSON on stdout")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,11 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"oneshot {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _prune_parser(sub)
+    _convert_parser(sub)
+    _eval_parser(sub)
+    _verify_parser(sub)
     return parser
 
 
 def _summary(report: dict) -> str:
-    lines = [
+    from .report import summary_table
+
+    lines = [summary_table(report), "",
         f"pruned {report['architecture']} with {report['method']} ({report['pattern']}, "
         f"target {report['target_sparsity']:.4g}) -> {report['out']}",
         f"  {len(report['linears'])} linears, {report['pruned_parameters']:,} weights, "
@@ -92,18 +153,83 @@ def _summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+EVAL_FLAGS = ("ppl", "eval_seqlen", "max_windows", "tasks", "include_path", "limit", "eval_batch_size", "num_fewshot")
+
+
+def _eval_config(args) -> EvalConfig:
+    return EvalConfig.from_cli(args.ppl, args.eval_seqlen, args.max_windows, args.tasks, args.include_path,
+                               args.limit, args.eval_batch_size, args.num_fewshot)
+
+
+def _print_json(data: dict) -> None:
+    json.dump(data, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
 def _run_prune(args) -> int:
     from .api import prune
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "model", "out", "preset", "quiet", "json")}
+    skip = ("command", "model", "out", "preset", "quiet", "json", "plot", "eval", "eval_baseline") + EVAL_FLAGS
+    options = {k: v for k, v in vars(args).items() if k not in skip}
     config = PruneConfig.from_options(args.model, args.out, args.preset, **options)
-    result = prune(config=config, progress=not (args.quiet or args.json))
+    if args.eval_baseline and not args.eval:
+        raise OneshotError("--eval-baseline goes with --eval")
+    evaluation = _eval_config(args) if args.eval else None
+    result = prune(config=config, progress=not (args.quiet or args.json), evaluation=evaluation,
+                   eval_baseline=args.eval_baseline, plot=args.plot)
     if args.json:
-        json.dump(result.report, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        _print_json(result.report)
     elif not args.quiet:
         print(_summary(result.report), file=sys.stderr)
+        if "eval" in result.report:
+            from .evaluate import format_table
+
+            ev = result.report["eval"]
+            names = ["pruned"] + (["dense"] if "dense" in ev else [])
+            print(format_table(ev, names), file=sys.stderr)
     return 0
+
+
+def _run_convert(args) -> int:
+    from .formats import convert
+
+    summary = convert(args.dir, args.format, args.out, args.overwrite)
+    if args.json:
+        _print_json(summary)
+    elif not args.quiet:
+        target = args.out or args.dir
+        sizes = ", ".join(f"{k} {v['of_dense']:.1%}" for k, v in summary["formats"].items())
+        print(f"{target}: weights as {summary['format']}, {summary['weight_file_bytes']:,} bytes "
+              f"(pruned layers against dense: {sizes})", file=sys.stderr)
+    return 0
+
+
+def _run_eval(args) -> int:
+    from .evaluate import evaluate, format_table
+
+    result = evaluate(args.model, _eval_config(args), args.baseline, args.dtype, args.device,
+                      args.trust_remote_code, progress=not (args.quiet or args.json))
+    if args.json:
+        _print_json(result)
+    elif not args.quiet:
+        print(format_table(result["models"], list(result["models"])))
+    return 0
+
+
+def _run_verify(args) -> int:
+    from .verify import verify
+
+    result = verify(args.dir)
+    if args.json:
+        _print_json(result)
+    else:
+        for line in result["failures"]:
+            print(f"FAIL {line}")
+        if not args.quiet and result["ok"]:
+            c = result["checked"]
+            print(f"ok: {c['pruned_layers']} pruned layers meet their patterns ({c['format']}), "
+                  f"{c['tensors']} tensors finite, forward pass finite")
+    return 0 if result["ok"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     try:
-        if args.command == "prune":
-            return _run_prune(args)
+        run = {"prune": _run_prune, "convert": _run_convert, "eval": _run_eval, "verify": _run_verify}
+        return run[args.command](args)
     except OneshotError as exc:
         print(f"oneshot: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -100,6 +100,8 @@ class PruneConfig:
     block_batch: int = 2
     block_target: str = "model"
     preset: str | None = None
+    # output
+    format: str = "dense"  # on-disk weight format: dense, packed24, bitmask (oneshot.formats)
 
     @classmethod
     def from_options(cls, model: str, out: str | None = None, preset: str | None = None, **options) -> "PruneConfig":
@@ -186,6 +188,13 @@ class PruneConfig:
             raise OneshotError("--block-epochs must be >= 0, --block-lr and --block-batch > 0")
         if self.block_target not in ("layer", "model"):
             raise OneshotError(f"--block-target must be 'layer' or 'model', got {self.block_target!r}")
+        from .formats import FORMATS
+
+        if self.format not in FORMATS:
+            raise OneshotError(f"unknown --format {self.format!r}; choose one of: {', '.join(FORMATS)}")
+        reason = FORMATS[self.format].accepts(self.constraint.describe())
+        if reason:
+            raise OneshotError(reason)
         for pattern in self.ignore:
             try:
                 re.compile(pattern)
@@ -237,3 +246,53 @@ PRESETS: dict[str, dict] = {
     "best": {"method": "sparsegpt", "update": "block", "block_epochs": 4, "block_lr": 1e-3, "block_batch": 2,
              "block_target": "model"},
 }
+
+
+# The zero-shot set sparse-LLM papers report (Wanda, SparseGPT, DSnoT, OWL, RIA).
+PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+PPL_PRESETS = ("wikitext2", "c4")
+
+
+@dataclass
+class EvalConfig:
+    """What `oneshot eval` and `prune --eval` measure: perplexity text and window, lm-eval tasks."""
+
+    ppl: str | None = "wikitext2"  # wikitext2, c4, a text file, or None
+    seqlen: int = 2048
+    max_windows: int | None = None
+    tasks: tuple[str, ...] = PAPER_TASKS
+    include_path: str | None = None
+    limit: float | None = None
+    batch_size: int = 1
+    num_fewshot: int | None = None
+
+    @classmethod
+    def from_cli(cls, ppl: str, seqlen: int, max_windows, tasks: str, include_path, limit, batch_size,
+                 num_fewshot) -> "EvalConfig":
+        names = tuple(t.strip() for t in tasks.split(",") if t.strip())
+        return cls(ppl=None if ppl.strip().lower() == "none" else ppl,
+                   seqlen=seqlen, max_windows=max_windows,
+                   tasks=() if names in ((), ("none",)) else names, include_path=include_path, limit=limit,
+                   batch_size=batch_size, num_fewshot=num_fewshot)
+
+    def validate(self) -> "EvalConfig":
+        if self.ppl is None and not self.tasks:
+            raise OneshotError("nothing to evaluate: --ppl none and --tasks none")
+        if self.ppl is not None and self.ppl not in PPL_PRESETS and not os.path.isfile(os.path.expanduser(self.ppl)):
+            raise OneshotError(f"--ppl {self.ppl!r}: not wikitext2, c4, none, or an existing text file")
+        if self.seqlen <= 1:
+            raise OneshotError(f"the perplexity window must be more than 1 token, got {self.seqlen}")
+        if self.max_windows is not None and self.max_windows <= 0:
+            raise OneshotError(f"--max-windows must be positive, got {self.max_windows}")
+        if self.batch_size <= 0:
+            raise OneshotError(f"the evaluation batch size must be positive, got {self.batch_size}")
+        if self.limit is not None and self.limit <= 0:
+            raise OneshotError(f"--limit must be positive, got {self.limit}")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise OneshotError(f"--num-fewshot must be >= 0, got {self.num_fewshot}")
+        if self.include_path is not None and not os.path.isdir(os.path.expanduser(self.include_path)):
+            raise OneshotError(f"--include-path {self.include_path!r}: no such directory")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

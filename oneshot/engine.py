@@ -288,6 +288,7 @@ class _LayerPruner:
             "target_sparsity": self.constraint.sparsity,
             "mask_sparsity": float(result.mask.float().mean()),
             "sparsity": float((written == 0).float().mean()),
+            "zeros": int((written == 0).sum()),
             "seconds": round(elapsed, 4),
         }
         entry.update(info)
@@ -300,6 +301,7 @@ class _LayerPruner:
             set_weight(module, written)
             self.deltas[name] = self.dense[name] - written.to(self.dense[name].device)
             self.entries[name]["sparsity"] = float((written == 0).float().mean())
+            self.entries[name]["zeros"] = int((written == 0).sum())
 
     def solve_all(self) -> None:
         """Solve every linear now: with no statistics (magnitude) or after a ``collect_only`` pass."""

@@ -163,6 +163,11 @@ def get_weight(module: nn.Module) -> torch.Tensor:
     return weight.to(torch.float32).clone()
 
 
+def stores_transposed(module: nn.Module) -> bool:
+    """Whether the module keeps its weight as [in, out] (GPT-2's Conv1D) rather than [out, in]."""
+    return not isinstance(module, nn.Linear)
+
+
 def in_weight_layout(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
     """An [out, in] matrix (a mask) laid out like ``module.weight`` (Conv1D stores [in, out])."""
     return matrix if isinstance(module, nn.Linear) else matrix.t()

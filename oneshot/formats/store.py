@@ -1,0 +1,274 @@
+"""Weights on disk in any registered format: read, write, convert, and load as a transformers model.
+
+An output directory holds its weights either as transformers writes them (``model*.safetensors``,
+format ``dense``) or as ``oneshot-<format>*.safetensors``, in which every pruned layer's weight
+``KEY`` is stored as its parts ``KEY.<part>`` and every other tensor (embeddings, norms, head) as is.
+``oneshot_sparsity.json`` names the format and each pruned layer's pattern, orientation and
+permutation; config, tokenizer and report sit beside the weights unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+from ..config import OneshotError
+from .base import FORMATS
+
+SIDECAR = "oneshot_sparsity.json"
+REPORT = "report.json"
+PERMUTATIONS = "oneshot_permutations.safetensors"
+
+
+def _prefix(fmt: str) -> str:
+    return "model" if fmt == "dense" else f"oneshot-{fmt}"
+
+
+def read_sidecar(directory: str) -> dict:
+    path = os.path.join(directory, SIDECAR)
+    if not os.path.isfile(path):
+        raise OneshotError(f"{directory}: no {SIDECAR}, so not a oneshot output")
+    with open(path, encoding="utf-8") as fh:
+        sidecar = json.load(fh)
+    if sidecar.get("format", "dense") not in FORMATS:
+        raise OneshotError(f"{directory}: unknown weight format {sidecar.get('format')!r} in {SIDECAR}")
+    return sidecar
+
+
+def weight_files(directory: str, fmt: str) -> list[str]:
+    prefix = _prefix(fmt)
+    index = os.path.join(directory, f"{prefix}.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as fh:
+            return sorted(set(json.load(fh)["weight_map"].values()))
+    if os.path.isfile(os.path.join(directory, f"{prefix}.safetensors")):
+        return [f"{prefix}.safetensors"]
+    raise OneshotError(f"{directory}: no {prefix}*.safetensors weights for its {fmt!r} format")
+
+
+def _weight_file_names(directory: str) -> list[str]:
+    """Every weight file and index of any format (what a conversion replaces)."""
+    names = []
+    for name in os.listdir(directory):
+        if name == PERMUTATIONS:
+            continue
+        if name.endswith((".safetensors", ".safetensors.index.json")) and name.startswith(("model", "oneshot-")):
+            names.append(name)
+    return names
+
+
+def read_raw(directory: str, fmt: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name in weight_files(directory, fmt):
+        tensors.update(load_file(os.path.join(directory, name)))
+    return tensors
+
+
+def read_permutations(directory: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, PERMUTATIONS)
+    return load_file(path) if os.path.isfile(path) else {}
+
+
+def _as_matrix(weight: torch.Tensor, layer: dict, perm: torch.Tensor | None) -> torch.Tensor:
+    """The weight as [out, in] with N:M groups along ``in``: Conv1D transposed, RIA's order applied."""
+    matrix = weight.t() if layer.get("transposed") else weight
+    if perm is not None:
+        matrix = matrix[:, perm.long()]
+    return matrix.contiguous()
+
+
+def _from_matrix(matrix: torch.Tensor, layer: dict, perm: torch.Tensor | None) -> torch.Tensor:
+    if perm is not None:
+        natural = torch.empty_like(matrix)
+        natural[:, perm.long()] = matrix
+        matrix = natural
+    return (matrix.t() if layer.get("transposed") else matrix).contiguous()
+
+
+def pruned_weights(sidecar: dict, perms: dict) -> dict[str, tuple[dict, torch.Tensor | None]]:
+    """Weight key -> (layer entry, input permutation or None) for every pruned layer."""
+    return {f"{name}.weight": (layer, perms.get(name) if layer.get("input_permutation") else None)
+            for name, layer in sidecar["layers"].items()}
+
+
+def encode(state: dict[str, torch.Tensor], sidecar: dict, perms: dict, fmt: str) -> dict[str, torch.Tensor]:
+    """A dense state dict -> the tensors ``fmt`` stores."""
+    codec = FORMATS[fmt]
+    pruned = pruned_weights(sidecar, perms)
+    missing = sorted(set(pruned) - set(state))
+    if missing:
+        raise OneshotError(f"the weights hold no {missing[0]} ({len(missing)} pruned layers missing)")
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key not in pruned or fmt == "dense":
+            out[key] = tensor
+            continue
+        layer, perm = pruned[key]
+        try:
+            parts = codec.encode(_as_matrix(tensor, layer, perm))
+        except ValueError as exc:
+            raise OneshotError(f"{key}: cannot store as {fmt}: {exc}") from None
+        for part, value in parts.items():
+            out[f"{key}.{part}"] = value
+    return out
+
+
+def decode(raw: dict[str, torch.Tensor], sidecar: dict, perms: dict, fmt: str) -> dict[str, torch.Tensor]:
+    """The tensors ``fmt`` stored -> the dense state dict."""
+    if fmt == "dense":
+        return dict(raw)
+    codec = FORMATS[fmt]
+    pruned = pruned_weights(sidecar, perms)
+    state = {}
+    consumed = set()
+    for key, (layer, perm) in pruned.items():
+        names = {part: f"{key}.{part}" for part in codec.parts()}
+        if not all(n in raw for n in names.values()):
+            raise OneshotError(f"the {fmt} weights hold no {key} (expected {', '.join(names.values())})")
+        state[key] = _from_matrix(codec.decode({part: raw[n] for part, n in names.items()}), layer, perm)
+        consumed.update(names.values())
+    for key, tensor in raw.items():
+        if key not in consumed:
+            state[key] = tensor
+    return state
+
+
+def load_state_dict(directory: str) -> dict[str, torch.Tensor]:
+    """The dense state dict of a oneshot output in any format (the same keys transformers saved)."""
+    sidecar = read_sidecar(directory)
+    fmt = sidecar.get("format", "dense")
+    return decode(read_raw(directory, fmt), sidecar, read_permutations(directory), fmt)
+
+
+def write_weights(directory: str, tensors: dict[str, torch.Tensor], fmt: str, max_shard_size: str = "5GB") -> None:
+    from huggingface_hub import save_torch_state_dict
+
+    save_torch_state_dict(tensors, directory, filename_pattern=_prefix(fmt) + "{suffix}.safetensors",
+                          max_shard_size=max_shard_size, metadata={"format": "pt", "oneshot_format": fmt})
+
+
+def format_sizes(state: dict[str, torch.Tensor], sidecar: dict, perms: dict) -> dict:
+    """Bytes of the pruned layers' weights in every format that can store them, beside dense."""
+    pruned = pruned_weights(sidecar, perms)
+    patterns = {layer.get("pattern", sidecar.get("pattern")) for layer, _ in pruned.values()}
+    sizes = {}
+    for name, codec in FORMATS.items():
+        if any(codec.accepts(p) for p in patterns):
+            continue
+        total = 0
+        for key, (layer, perm) in pruned.items():
+            total += sum(t.numel() * t.element_size()
+                         for t in codec.encode(_as_matrix(state[key], layer, perm)).values())
+        sizes[name] = total
+    dense = sizes["dense"]
+    return {name: {"pruned_layer_bytes": b, "of_dense": round(b / dense, 4) if dense else None}
+            for name, b in sizes.items()}
+
+
+def files_bytes(directory: str, fmt: str) -> int:
+    return sum(os.path.getsize(os.path.join(directory, n)) for n in weight_files(directory, fmt))
+
+
+def check_format(fmt: str, sidecar: dict) -> None:
+    if fmt not in FORMATS:
+        raise OneshotError(f"unknown --format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    for name, layer in sidecar["layers"].items():
+        reason = FORMATS[fmt].accepts(layer.get("pattern", sidecar.get("pattern")))
+        if reason:
+            raise OneshotError(reason)
+
+
+def describe_storage(directory: str) -> dict:
+    """The storage summary of an output as it is: its format, weight file bytes, and the pruned
+    layers' bytes in every format that could store them."""
+    sidecar = read_sidecar(directory)
+    fmt = sidecar.get("format", "dense")
+    perms = read_permutations(directory)
+    state = decode(read_raw(directory, fmt), sidecar, perms, fmt)
+    return {"format": fmt, "weight_file_bytes": files_bytes(directory, fmt),
+            "formats": format_sizes(state, sidecar, perms)}
+
+
+def rewrite(directory: str, fmt: str, source: str | None = None) -> dict:
+    """Write ``directory``'s weights in ``fmt``, reading them from ``source`` (default: itself).
+
+    Updates the sidecar and report in ``directory``; returns the size summary it records.
+    """
+    source = source or directory
+    sidecar = read_sidecar(source)
+    check_format(fmt, sidecar)
+    perms = read_permutations(source)
+    state = decode(read_raw(source, sidecar.get("format", "dense")), sidecar, perms, sidecar.get("format", "dense"))
+    stored = encode(state, sidecar, perms, fmt)
+    sizes = format_sizes(state, sidecar, perms)
+    for name in _weight_file_names(directory):
+        os.remove(os.path.join(directory, name))
+    write_weights(directory, stored, fmt)
+    summary = {"format": fmt, "weight_file_bytes": files_bytes(directory, fmt), "formats": sizes}
+    sidecar["format"] = fmt
+    _write_json(os.path.join(directory, SIDECAR), sidecar)
+    report_path = os.path.join(directory, REPORT)
+    if os.path.isfile(report_path):
+        with open(report_path, encoding="utf-8") as fh:
+            report = json.load(fh)
+        report["storage"] = summary
+        _write_json(report_path, report)
+    return summary
+
+
+def convert(directory: str, fmt: str, out: str | None = None, overwrite: bool = False) -> dict:
+    """``oneshot convert``: a oneshot output in another format, written atomically to ``out``
+    (default: in place, replacing ``directory`` only once the new one is complete)."""
+    from ..model_io import atomic_output_dir
+
+    if not os.path.isdir(directory):
+        raise OneshotError(f"{directory}: no such directory")
+    sidecar = read_sidecar(directory)
+    check_format(fmt, sidecar)
+    weight_files(directory, sidecar.get("format", "dense"))  # fail now if the weights are missing
+    in_place = out is None or os.path.abspath(out) == os.path.abspath(directory)
+    target = directory if in_place else out
+    with atomic_output_dir(target, overwrite or in_place) as tmp:
+        keep = set(_weight_file_names(directory))
+        for name in os.listdir(directory):
+            if name in keep:
+                continue
+            src = os.path.join(directory, name)
+            (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, os.path.join(tmp, name))
+        summary = rewrite(tmp, fmt, source=directory)
+    return summary
+
+
+def load(directory: str, **kwargs):
+    """A transformers model from a oneshot output in any format (``dense`` loads as transformers would).
+
+    Extra keywords go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``, ...).
+    """
+    from transformers import AutoModelForCausalLM
+
+    sidecar = read_sidecar(directory)
+    kwargs.setdefault("dtype", "auto")
+    if sidecar.get("format", "dense") == "dense":
+        return AutoModelForCausalLM.from_pretrained(directory, **kwargs).eval()
+    from transformers import AutoConfig
+
+    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(directory)
+    # transformers takes a state dict only without a checkpoint path, so from the model class itself
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    model = model_class.from_pretrained(None, config=config, state_dict=load_state_dict(directory), **kwargs)
+    return model.eval()
+
+
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2)
+        fh.write("\n")

@@ -1,0 +1,143 @@
+"""`oneshot eval` and `prune --eval`: perplexity against a hand computation, lm-eval on a local task."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from oneshot.cli import main
+
+pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'oneshot[eval]')")
+
+WORDS = "the cat sat on mat dog ran far away big small red blue".split()
+
+
+def _hand_perplexity(model_dir, text, seqlen):
+    """The protocol written out: whole text tokenized once, non-overlapping windows, every next token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tok(text)["input_ids"]
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - seqlen + 1, seqlen):
+        window = torch.tensor([ids[start:start + seqlen]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=window).logits[0].double(), dim=-1)
+        for t in range(seqlen - 1):
+            nll -= float(logp[t, window[0, t + 1]])
+            count += 1
+    return math.exp(nll / count), count
+
+
+def test_eval_perplexity_matches_hand_computation(tiny_factory, calib_txt, tmp_path, capsys):
+    model = tiny_factory("llama")
+    rc = main(["eval", model, "--ppl", calib_txt, "--seqlen", "64", "--tasks", "none", "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)["models"][model]["perplexity"]
+    expected, count = _hand_perplexity(model, open(calib_txt).read(), 64)
+    assert result["tokens"] == count
+    assert result["perplexity"] == pytest.approx(expected, rel=1e-5)
+
+
+def _local_task(tmp_path):
+    import random
+
+    rng = random.Random(0)
+    docs = []
+    for _ in range(10):
+        docs.append({"question": " ".join(rng.choice(WORDS) for _ in range(5)),
+                     "choices": [" ".join(rng.choice(WORDS) for _ in range(2)) for _ in range(3)],
+                     "answer": rng.randrange(3)})
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tasks / "local.yaml").write_text(
+        "task: oneshot_local\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tasks / 'data.jsonl'}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n")
+    return str(tasks), docs
+
+
+def _hand_accuracy(model_dir, docs):
+    """Multiple choice as lm-eval scores it: sum log p(" " + choice | question), argmax, compare."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    right = 0
+    for doc in docs:
+        scores = []
+        for choice in doc["choices"]:
+            context = tok(doc["question"], add_special_tokens=False)["input_ids"]
+            whole = tok(doc["question"] + " " + choice, add_special_tokens=False)["input_ids"]
+            cont = whole[len(context):]
+            ids = torch.tensor([whole[:-1]])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+            scores.append(sum(float(logp[len(context) - 1 + i, t]) for i, t in enumerate(cont)))
+        right += int(max(range(len(scores)), key=lambda i: (scores[i], -i)) == doc["answer"])
+    return right / len(docs)
+
+
+def test_eval_local_task_matches_hand_accuracy_and_baseline_deltas(tiny_factory, calib_txt, tmp_path, capsys):
+    model = tiny_factory("llama")
+    tasks, docs = _local_task(tmp_path)
+    out = tmp_path / "pruned"
+    assert main(["prune", model, "--calib", calib_txt, "--nsamples", "4", "--seqlen", "32", "--out", str(out),
+                 "--method", "magnitude", "--sparsity", "0.7", "--quiet"]) == 0
+    rc = main(["eval", str(out), "--baseline", model, "--ppl", calib_txt, "--seqlen", "64", "--tasks", "oneshot_local",
+               "--include-path", tasks, "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    dense = result["models"][model]
+    pruned = result["models"][str(out)]
+    assert dense["tasks"]["oneshot_local"]["acc"] == pytest.approx(_hand_accuracy(model, docs))
+    assert pruned["tasks"]["oneshot_local"]["acc"] == pytest.approx(_hand_accuracy(str(out), docs))
+    assert result["delta"]["perplexity"] == pytest.approx(pruned["perplexity"]["perplexity"]
+                                                          - dense["perplexity"]["perplexity"])
+    assert pruned["perplexity"]["perplexity"] != dense["perplexity"]["perplexity"]
+    # the table: one column per model and a delta column
+    assert main(["eval", str(out), "--baseline", model, "--ppl", calib_txt, "--seqlen", "64", "--tasks", "none",
+                 "--quiet"]) == 0
+    assert main(["eval", str(out), "--baseline", model, "--ppl", calib_txt, "--seqlen", "64", "--tasks", "none"]) == 0
+    table = capsys.readouterr().out
+    assert "delta" in table.splitlines()[0] and table.splitlines()[1].startswith("perplexity")
+
+
+def test_prune_eval_records_results_in_report(tiny_factory, calib_txt, tmp_path):
+    out = tmp_path / "o"
+    rc = main(["prune", tiny_factory("llama"), "--calib", calib_txt, "--nsamples", "4", "--seqlen", "32",
+               "--out", str(out), "--quiet", "--eval", "--eval-baseline", "--ppl", calib_txt, "--eval-seqlen", "64",
+               "--tasks", "none"])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    ev = report["eval"]
+    assert ev["pruned"]["perplexity"]["perplexity"] > 0 and ev["dense"]["perplexity"]["perplexity"] > 0
+    expected, _ = _hand_perplexity(str(out), open(calib_txt).read(), 64)
+    assert ev["pruned"]["perplexity"]["perplexity"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ppl", "missing.txt"], "not wikitext2, c4, none"),
+    (["--ppl", "none", "--tasks", "no_such_task"], "unknown lm-eval task"),
+    (["--ppl", "none", "--tasks", "none"], "nothing to evaluate"),
+    (["--include-path", "missing-dir", "--tasks", "none"], "no such directory"),
+])
+def test_eval_bad_input_fails_fast(args, message, tiny_factory, capsys):
+    assert main(["eval", tiny_factory("llama"), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_prune_eval_bad_input_fails_before_pruning(tiny_factory, calib_txt, tmp_path, capsys):
+    out = tmp_path / "o"
+    rc = main(["prune", tiny_factory("llama"), "--calib", calib_txt, "--out", str(out), "--eval", "--ppl", "missing.txt"])
+    assert rc == 2 and "missing.txt" in capsys.readouterr().err
+    assert not out.exists()
