@@ -113,6 +113,23 @@ def _eval_parser(sub) -> None:
     _quiet_json(p, "no progress bars or table", "the results")
 
 
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="2:4 GEMM and end-to-end speed, dense against each kernels backend",
+                       description="Per-layer GEMMs and end-to-end prefill/decode of a 2:4 model (GPU figures need CUDA).")
+    p.add_argument("model", help="a 2:4 oneshot output (any format), or any model whose linears are 2:4")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto, float16, bfloat16, float32")
+    p.add_argument("--m", default=None, help="token counts, comma-separated (default 1,8,16,64,256,1024,4096,16384)")
+    p.add_argument("--backends", default=None, help="comma list of kernels backends (default: every available one)")
+    p.add_argument("--shapes", default="model", help="model (its own linear shapes), llama3-8b or llama3-70b")
+    p.add_argument("--no-e2e", action="store_true", help="GEMMs only")
+    p.add_argument("--prompt-len", type=int, default=512, help="end to end: prefill length (default 512)")
+    p.add_argument("--batches", default="1,8,32", help="end to end: decode batch sizes")
+    p.add_argument("--decode-steps", type=int, default=32, help="end to end: tokens decoded per measurement")
+    p.add_argument("--iters", type=int, default=50, help="timed runs per case (median reported)")
+    _quiet_json(p, "print nothing but errors", "the results")
+
+
 def _verify_parser(sub) -> None:
     p = sub.add_parser("verify", help="check that a oneshot output meets its recorded patterns and runs",
                        description="Check patterns, NaN/Inf, -0.0 in pruned slots, tied weights, and a forward pass.")
@@ -133,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     _convert_parser(sub)
     _eval_parser(sub)
     _verify_parser(sub)
+    _bench_parser(sub)
     return parser
 
 
@@ -216,6 +234,32 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise OneshotError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise OneshotError(f"{flag} takes positive integers, got {text!r}")
+    return values
+
+
+def _run_bench(args) -> int:
+    from .bench import format_bench, run_bench
+
+    result = run_bench(args.model, args.device, args.dtype, _ints(args.m, "--m"),
+                       tuple(b for b in args.backends.split(",") if b) if args.backends else None,
+                       args.shapes, not args.no_e2e, args.prompt_len, _ints(args.batches, "--batches"),
+                       args.decode_steps, warmup=max(1, args.iters // 5), iters=args.iters)
+    if args.json:
+        _print_json(result)
+    elif not args.quiet:
+        print(format_bench(result))
+    return 0
+
+
 def _run_verify(args) -> int:
     from .verify import verify
 
@@ -245,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
     try:
-        run = {"prune": _run_prune, "convert": _run_convert, "eval": _run_eval, "verify": _run_verify}
+        run = {"prune": _run_prune, "convert": _run_convert, "eval": _run_eval, "verify": _run_verify,
+               "bench": _run_bench}
         return run[args.command](args)
     except OneshotError as exc:
         print(f"oneshot: error: {exc}", file=sys.stderr)

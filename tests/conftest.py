@@ -15,6 +15,17 @@ WIKI = os.path.join(SHARED, "data", "wikitext-2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+if _no_cuda():  # Triton kernels run through its interpreter on CPU (must be set before triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
