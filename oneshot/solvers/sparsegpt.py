@@ -37,7 +37,11 @@ def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> tuple[tor
             hd.diagonal().add_(damp)
             chol, info = torch.linalg.cholesky_ex(hd)
             if info.item() == 0:
-                inv = torch.cholesky_inverse(chol)
+                # H⁻¹ = L⁻ᵀL⁻¹ through one triangular solve: on CPU LAPACK's potri (cholesky_inverse)
+                # measured 18x slower at width 1536
+                eye = torch.eye(hd.shape[0], dtype=dtype, device=hd.device)
+                linv = torch.linalg.solve_triangular(chol, eye, upper=False)
+                inv = linv.t() @ linv
                 upper, info = torch.linalg.cholesky_ex(inv, upper=True)
                 if info.item() == 0 and torch.isfinite(upper).all():
                     notes = {"dampening": dampening * step, "solve_dtype": str(dtype).replace("torch.", "")}
@@ -70,8 +74,10 @@ def sparsegpt(weight: torch.Tensor, stats: Stats, constraint: Constraint, option
     dampening = float(options.get("dampening", 0.01))
     scope = options.get("sparsegpt_scope", "row")
     rows, cols = weight.shape
-    if constraint.is_nm:  # N:M groups must not straddle blocks
+    sub = 16
+    if constraint.is_nm:  # N:M groups must not straddle blocks or sub-blocks
         blocksize = max(constraint.m, blocksize // constraint.m * constraint.m)
+        sub = max(constraint.m, sub // constraint.m * constraint.m)
 
     hinv, dead, info = _prepare(stats, dampening)
     info = dict(info)
@@ -96,14 +102,20 @@ def sparsegpt(weight: torch.Tensor, stats: Stats, constraint: Constraint, option
             score = (W1 / d.unsqueeze(1)) ** 2
             mask1 = lowest_k(score.reshape(-1), k, dim=0).reshape(count, rows)
         scale = mask1 / d.unsqueeze(1)  # err = w / d where pruned, 0 where kept
-        for i in range(count):
-            if constraint.is_nm and i % constraint.m == 0:
-                m = constraint.m
-                score = (W1[i : i + m] / d[i : i + m].unsqueeze(1)) ** 2
-                mask1[i : i + m] = lowest_k(score, m - constraint.n, dim=0)
-                scale[i : i + m] = mask1[i : i + m] / d[i : i + m].unsqueeze(1)
-            torch.mul(W1[i], scale[i], out=Err1[i])
-            W1[i:].addr_(Hinv1[i, i:], Err1[i], alpha=-1.0)  # spread the error over the columns not yet done
+        # two levels of lazy updates: rank-1 updates only inside a sub-block of `sub` columns, one
+        # matmul for the rest of the block after each sub-block (the same arithmetic, less traffic)
+        for j1 in range(0, count, sub):
+            j2 = min(j1 + sub, count)
+            for i in range(j1, j2):
+                if constraint.is_nm and i % constraint.m == 0:
+                    m = constraint.m
+                    score = (W1[i : i + m] / d[i : i + m].unsqueeze(1)) ** 2
+                    mask1[i : i + m] = lowest_k(score, m - constraint.n, dim=0)
+                    scale[i : i + m] = mask1[i : i + m] / d[i : i + m].unsqueeze(1)
+                torch.mul(W1[i], scale[i], out=Err1[i])
+                W1[i:j2].addr_(Hinv1[i, i:j2], Err1[i], alpha=-1.0)  # the error onto this sub-block's later columns
+            if j2 < count:
+                W1[j2:].addmm_(Hinv1[j1:j2, j2:].t(), Err1[j1:j2], alpha=-1.0)
         Wt[i1:i2] = W1
         mask_t[i1:i2] = mask1
         if i2 < cols:
