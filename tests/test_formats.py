@@ -76,6 +76,12 @@ def test_size_arithmetic():
     assert torch.equal(FORMATS["bitmask"].decode(parts), w)
 
 
+@pytest.mark.parametrize("fmt", ["dense", "packed24", "bitmask"])
+def test_nbytes_arithmetic_equals_encoded_bytes(fmt):
+    w = _random_24(40, 72, torch.float16, exact=False)
+    assert FORMATS[fmt].nbytes(w) == sum(t.numel() * t.element_size() for t in FORMATS[fmt].encode(w).values())
+
+
 def test_bitmask_round_trip_any_pattern_and_bits():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(33, 45, generator=g).to(torch.bfloat16)

@@ -35,6 +35,10 @@ class Format:
         """The names of the parts ``encode`` returns (stored as ``<weight key>.<part>``)."""
         raise NotImplementedError
 
+    def nbytes(self, weight: torch.Tensor) -> int:
+        """Bytes of ``encode(weight)`` (formats override this with arithmetic)."""
+        return sum(t.numel() * t.element_size() for t in self.encode(weight).values())
+
 
 def entries(weight: torch.Tensor) -> torch.Tensor:
     """True where an entry is anything but +0.0 (-0.0 is kept, so round trips are bit-exact)."""

@@ -29,3 +29,7 @@ class Bitmask(Format):
 
     def parts(self):
         return ("values", "mask", "shape")
+
+    def nbytes(self, weight):
+        rows, cols = weight.shape
+        return int(entries(weight).sum()) * weight.element_size() + rows * (-(-cols // 8)) + 16

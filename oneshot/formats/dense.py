@@ -18,3 +18,6 @@ class Dense(Format):
 
     def parts(self):
         return ("",)
+
+    def nbytes(self, weight):
+        return weight.numel() * weight.element_size()

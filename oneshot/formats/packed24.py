@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kernels.format24 import compress24, decompress24
+from kernels.format24 import compress24, decompress24, packed24_nbytes
 
 from .base import Format, register
 
@@ -26,3 +26,6 @@ class Packed24(Format):
 
     def parts(self):
         return ("values", "meta")
+
+    def nbytes(self, weight):
+        return packed24_nbytes(weight.shape[0], weight.shape[1], weight.element_size())

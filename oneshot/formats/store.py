@@ -162,11 +162,7 @@ def format_sizes(state: dict[str, torch.Tensor], sidecar: dict, perms: dict) -> 
     for name, codec in FORMATS.items():
         if any(codec.accepts(p) for p in patterns):
             continue
-        total = 0
-        for key, (layer, perm) in pruned.items():
-            total += sum(t.numel() * t.element_size()
-                         for t in codec.encode(_as_matrix(state[key], layer, perm)).values())
-        sizes[name] = total
+        sizes[name] = sum(codec.nbytes(_as_matrix(state[key], layer, perm)) for key, (layer, perm) in pruned.items())
     dense = sizes["dense"]
     return {name: {"pruned_layer_bytes": b, "of_dense": round(b / dense, 4) if dense else None}
             for name, b in sizes.items()}
