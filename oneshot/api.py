@@ -14,6 +14,8 @@ from . import __version__
 from .calibration import Calibration, describe_source, generate_calibration, load_calibration
 from .config import EvalConfig, OneshotError, PruneConfig
 from .evaluate import Evaluator
+from .memory import check as check_memory
+from .memory import estimate as estimate_memory
 from .report import check_plotting
 from .report import plot as plot_report
 from .engine import prune_layers
@@ -118,6 +120,10 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
     if limit is not None and cfg.seqlen > limit:
         raise OneshotError(f"--seqlen {cfg.seqlen} is beyond the model's context of {limit} tokens")
     structure = inspect_structure(hf_config, cfg.nm, cfg.ignore, cfg.trust_remote_code)
+    device = resolve_device(cfg.device)
+    memory = estimate_memory(cfg, hf_config, structure, gguf=source.kind == "gguf")
+    if cfg.memory_check:
+        check_memory(cfg, memory, device)
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     calibration: Calibration | None = None
     if calib_kind != "self":
@@ -127,7 +133,6 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
     t = time.perf_counter()
     hf_model = load_model(source, cfg.dtype, cfg.trust_remote_code)
     phases["load"] = time.perf_counter() - t
-    device = resolve_device(cfg.device)
     if calibration is None:
         t = time.perf_counter()
         calibration = generate_calibration(hf_model.to(device), tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, device)
@@ -172,6 +177,8 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
         "nonzero_parameters": int(sum(int(torch.count_nonzero(p)) for p in params)),
         "mean_relative_error": sum(e["relative_error"] for e in body["linears"]) / max(len(body["linears"]), 1),
         "calibration": calibration.info,
+        "memory_estimate": {"host_bytes": memory["host_bytes"], "device_bytes": memory["device_bytes"],
+                            **{f"{k}_bytes": v for k, v in memory["parts"].items()}},
         "device": str(device),
         "config": cfg.to_dict(),
         **body,

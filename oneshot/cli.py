@@ -71,6 +71,8 @@ def _prune_parser(sub) -> None:
     g.add_argument("--eval-baseline", action="store_true", help="with --eval: evaluate the dense model too, side by side")
     _eval_options(p, prefix="eval-")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--no-memory-check", dest="memory_check", action="store_false", default=None,
+                   help="run even when the estimated peak memory exceeds what is available")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models with custom code")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")

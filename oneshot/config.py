@@ -102,6 +102,7 @@ class PruneConfig:
     preset: str | None = None
     # output
     format: str = "dense"  # on-disk weight format: dense, packed24, bitmask (oneshot.formats)
+    memory_check: bool = True  # refuse runs whose estimated peak memory exceeds what is available
 
     @classmethod
     def from_options(cls, model: str, out: str | None = None, preset: str | None = None, **options) -> "PruneConfig":

@@ -207,7 +207,9 @@ def inspect_structure(config, nm: tuple[int, int] | None, ignore: list[str], tru
                     f"pattern {nm[0]}:{nm[1]}: {name} has input dimension {shapes[name][1]}, not divisible by {nm[1]}; "
                     f"use another pattern or --ignore it"
                 )
-    return {"layers_path": path, "num_layers": len(layers), "architecture": type(skeleton).__name__, "linears": shapes}
+    parameters = sum(p.numel() for p in skeleton.parameters())  # tied weights once
+    return {"layers_path": path, "num_layers": len(layers), "architecture": type(skeleton).__name__, "linears": shapes,
+            "parameters": parameters}
 
 
 # ---------------------------------------------------------------- output

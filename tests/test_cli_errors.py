@@ -203,3 +203,23 @@ def test_linear_that_never_runs_is_named(tiny_factory, calib_txt, tmp_path, caps
         rc, lines = run(base(str(src), calib_txt, tmp_path / f"o-{sequential}", "--sequential", sequential), capsys)
         assert_one_error(rc, lines, "mlp.unused", "never ran")
         assert not (tmp_path / f"o-{sequential}").exists()
+
+
+def test_memory_guard_refuses_before_loading(tiny_factory, calib_txt, tmp_path, capsys):
+    out = tmp_path / "o"
+    rc = main(["prune", tiny_factory("llama"), "--calib", calib_txt, "--nsamples", "10000000", "--seqlen", "32",
+               "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "GiB of host memory" in err and "fewer --nsamples" in err
+    assert not out.exists()
+
+
+def test_memory_estimate_against_measured_run(tiny_factory, calib_txt, tmp_path):
+    out = tmp_path / "o"
+    assert main(["prune", tiny_factory("llama"), "--calib", calib_txt, "--nsamples", "8", "--seqlen", "64",
+                 "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    estimate, measured = report["memory_estimate"]["host_bytes"], report["peak_memory"]["host_rss_bytes"]
+    # the process's own RSS dominates a tiny model; the estimate must be within 2x either way
+    assert measured / 2 <= estimate <= measured * 2
+    assert report["memory_estimate"]["activations_bytes"] == 8 * 64 * 64 * 4 * 2

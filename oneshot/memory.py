@@ -1,0 +1,76 @@
+"""Peak memory of a pruning run, estimated before any weight is read, and the guard that refuses a
+run that cannot fit (issue 6, first part: the whole model is still loaded into host memory).
+
+host  = process overhead (torch, transformers, tokenizer: ~0.5 GiB)
+      + the weights, twice while loading (transformers materialises, then converts or dequantizes)
+      + the calibration activations of one layer, inputs and outputs (nsamples x seqlen x hidden),
+        a third copy for --update block's dense stream
+      + the statistics of one layer (one Hessian per linear in fp32, twice with held-out windows)
+      + one linear's fp32 working copies during its solve
+device = the same minus the weights and the overhead, plus one layer's weights (CUDA runs only)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import OneshotError, PruneConfig
+
+OVERHEAD = 512 * 2**20
+
+
+def _dtype_bytes(cfg: PruneConfig, hf_config) -> int:
+    if cfg.dtype != "auto":
+        return torch.tensor([], dtype=getattr(torch, cfg.dtype)).element_size()
+    text = getattr(hf_config, "text_config", None) or hf_config
+    dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or "float32"
+    return torch.tensor([], dtype=getattr(torch, str(dtype).replace("torch.", ""), torch.float32)).element_size()
+
+
+def estimate(cfg: PruneConfig, hf_config, structure: dict, gguf: bool = False) -> dict:
+    """Bytes of each part and the host/device peaks for this run (see the module docstring)."""
+    from .solvers import SOLVERS
+
+    element = 4 if gguf and cfg.dtype == "auto" else _dtype_bytes(cfg, hf_config)  # GGUF dequantizes to fp32
+    text = getattr(hf_config, "text_config", None) or hf_config
+    hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0) or getattr(text, "d_model", 0))
+    linears = list(structure["linears"].values())
+    per_layer = len(linears) // max(structure["num_layers"], 1) or len(linears)
+    layer_linears = linears[:per_layer]
+    activations = cfg.nsamples * cfg.seqlen * hidden * element * (3 if cfg.update == "block" else 2)
+    needs_hessian = SOLVERS[cfg.method].needs_hessian or cfg.update in ("lstsq", "admm") or (
+        cfg.method == "dsnot" and cfg.dsnot_init == "sparsegpt")
+    stats = sum((d_in * d_in if needs_hessian else d_in) * 4 for _, d_in in layer_linears)
+    if cfg.update != "none":
+        stats *= 2
+    solve = max((d_out * d_in for d_out, d_in in layer_linears), default=0) * 4 * 4
+    layer_weights = sum(d_out * d_in for d_out, d_in in layer_linears) * element
+    weights = int(structure.get("parameters", 0)) * element
+    parts = {"overhead": OVERHEAD, "weights": weights, "activations": activations, "statistics": stats,
+             "solve": solve, "layer_weights": layer_weights}
+    host = OVERHEAD + 2 * weights + activations + stats + solve
+    device_peak = activations + stats + solve + layer_weights
+    return {"parts": parts, "host_bytes": host, "device_bytes": device_peak}
+
+
+def available(device: torch.device) -> int:
+    from .engine import _available_bytes
+
+    return _available_bytes(device)
+
+
+def check(cfg: PruneConfig, est: dict, device: torch.device) -> None:
+    """Refuse, with what to change, a run whose estimated peak exceeds the memory available."""
+    gib = 2**30
+    host_free = available(torch.device("cpu"))
+    parts = est["parts"]
+    advice = (f"activations take {parts['activations'] / gib:.1f} GiB (--nsamples {cfg.nsamples} x --seqlen "
+              f"{cfg.seqlen}): use fewer --nsamples or a shorter --seqlen; --no-memory-check to try anyway")
+    if est["host_bytes"] > host_free:
+        raise OneshotError(f"this run needs about {est['host_bytes'] / gib:.1f} GiB of host memory, "
+                           f"{host_free / gib:.1f} GiB is available: {advice}")
+    if device.type == "cuda":
+        free = available(device)
+        if est["device_bytes"] > free:
+            raise OneshotError(f"this run needs about {est['device_bytes'] / gib:.1f} GiB on {device}, "
+                               f"{free / gib:.1f} GiB is free: {advice}, or --device cpu")
