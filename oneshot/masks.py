@@ -25,6 +25,18 @@ def lowest_k(score: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
     return mask.scatter_(dim, idx, True)
 
 
+def lowest_k_small(score: torch.Tensor, k: int) -> torch.Tensor:
+    """``lowest_k(score, k, dim=0)`` for a short first dimension (an N:M group of M rows): each
+    entry's rank from pairwise comparisons (ties go to the lower index), which on CPU is several
+    times faster than ``topk`` along a strided dimension."""
+    m = score.shape[0]
+    idx = torch.arange(m, device=score.device)
+    earlier = (idx.view(1, m) < idx.view(m, 1)).view(m, m, *([1] * (score.dim() - 1)))  # [j, i]: i before j
+    a, b = score.unsqueeze(0), score.unsqueeze(1)  # a[., i] against b[j, .]
+    rank = ((a < b) | ((a == b) & earlier)).sum(1)
+    return rank < k
+
+
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Prune ``m - n`` of every ``m`` consecutive input columns (last dim) of each row."""
     rows, cols = score.shape

@@ -149,3 +149,16 @@ def test_block_triangular_hessian_accumulation_equals_full(dim):
     accumulate_hessian(h, x[100:])
     finish_hessian(h)
     assert torch.allclose(h, x.t() @ x)
+
+
+@pytest.mark.parametrize("m,k", [(4, 2), (8, 4), (4, 3), (16, 8)])
+def test_lowest_k_small_equals_topk_and_keeps_counts_with_ties(m, k):
+    from oneshot.masks import lowest_k, lowest_k_small
+
+    score = torch.randn(m, 500, generator=torch.Generator().manual_seed(m + k))
+    assert torch.equal(lowest_k_small(score, k), lowest_k(score, k, dim=0))
+    ties = torch.randint(0, 2, (m, 500), generator=torch.Generator().manual_seed(1)).float()
+    mask = lowest_k_small(ties, k)
+    assert (mask.sum(0) == k).all()
+    for c in range(500):  # every pruned score is <= every kept one, per column
+        assert ties[mask[:, c], c].max() <= ties[~mask[:, c], c].min()

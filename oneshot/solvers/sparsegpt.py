@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..config import Constraint
-from ..masks import apply_mask, lowest_k, n_pruned
+from ..masks import apply_mask, lowest_k, lowest_k_small, n_pruned
 from .base import SolverResult, Stats, register
 
 DAMP_STEPS = (1.0, 10.0, 100.0)
@@ -110,7 +110,7 @@ def sparsegpt(weight: torch.Tensor, stats: Stats, constraint: Constraint, option
                 if constraint.is_nm and i % constraint.m == 0:
                     m = constraint.m
                     score = (W1[i : i + m] / d[i : i + m].unsqueeze(1)) ** 2
-                    mask1[i : i + m] = lowest_k(score, m - constraint.n, dim=0)
+                    mask1[i : i + m] = lowest_k_small(score, m - constraint.n)
                     scale[i : i + m] = mask1[i : i + m] / d[i : i + m].unsqueeze(1)
                 torch.mul(W1[i], scale[i], out=Err1[i])
                 W1[i:j2].addr_(Hinv1[i, i:j2], Err1[i], alpha=-1.0)  # the error onto this sub-block's later columns
