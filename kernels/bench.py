@@ -186,6 +186,17 @@ def model_shapes(model) -> list[tuple[str, int, int]]:
     return shapes
 
 
+def usable_backends(model) -> list[str]:
+    """The GPU/Triton backends that can run this model's SparseLinear layers (judged on the first)."""
+    from .modules import SparseLinear
+
+    first = next((m for m in model.modules() if isinstance(m, SparseLinear)), None)
+    if first is None:
+        return []
+    probe = torch.zeros(1, first.in_features, dtype=first.values.dtype, device=first.values.device)
+    return [b for b in available(probe, first.packed) if b not in ("dense", "reference")]
+
+
 def set_backend(model, backend: str) -> None:
     from .modules import SparseLinear
 

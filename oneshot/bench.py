@@ -3,8 +3,6 @@ end-to-end prefill and decode, dense against every available backend of ``kernel
 
 from __future__ import annotations
 
-import torch
-
 from .config import OneshotError
 
 
@@ -12,7 +10,8 @@ def run_bench(spec: str, device: str = "auto", dtype: str = "auto", m_sizes=None
               shapes: str = "model", e2e: bool = True, prompt_len: int = 512, batches=(1, 8, 32),
               decode_steps: int = 32, warmup: int = 10, iters: int = 50) -> dict:
     from kernels import BACKENDS, sparsify
-    from kernels.bench import M_SIZES, SHAPES, Timer, device_info, end_to_end, gemm_case, model_shapes, set_backend
+    from kernels.bench import (M_SIZES, SHAPES, Timer, device_info, end_to_end, gemm_case, model_shapes, set_backend,
+                               usable_backends)
 
     from .api import resolve_device
     from .evaluate import load_for_eval
@@ -43,12 +42,7 @@ def run_bench(spec: str, device: str = "auto", dtype: str = "auto", m_sizes=None
         runs = {"dense": end_to_end(model, dev, timer, prompt_len, batches, decode_steps)}
         replaced = sparsify(model, backend="dense")
         result["sparse_linears"] = len(replaced)
-        probe = torch.zeros(1, model.get_input_embeddings().weight.shape[1], dtype=model.dtype, device=dev)
-        from kernels.backends import available
-
-        first = next(m for m in model.modules() if type(m).__name__ == "SparseLinear")
-        usable = [b for b in available(probe[:, : first.in_features], first.packed) if b not in ("dense", "reference")]
-        for backend in [b for b in usable if not backends or b in backends] + ["auto"]:
+        for backend in [b for b in usable_backends(model) if not backends or b in backends] + ["auto"]:
             set_backend(model, backend)
             runs[backend] = end_to_end(model, dev, timer, prompt_len, batches, decode_steps)
         result["end_to_end"] = runs

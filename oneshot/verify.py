@@ -56,8 +56,7 @@ def verify(directory: str, forward: bool = True) -> dict:
         if layer.get("input_permutation") and perm is None:
             failures.append(f"{key}: its input permutation is missing from {layer['input_permutation']}")
             continue
-        failures += _layer_problems(key, state[key].float() if state[key].dtype == torch.float64 else state[key],
-                                    layer, perm)
+        failures += _layer_problems(key, state[key], layer, perm)
     for key, tensor in state.items():
         if tensor.is_floating_point():
             bad = int((~torch.isfinite(tensor)).sum())

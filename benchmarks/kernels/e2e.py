@@ -24,8 +24,7 @@ def main() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kernels import sparsify
-    from kernels.backends import available
-    from kernels.bench import Timer, device_info, end_to_end, set_backend
+    from kernels.bench import Timer, device_info, end_to_end, set_backend, usable_backends
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
@@ -62,9 +61,7 @@ def main() -> None:
     runs = {"dense": end_to_end(model, device, timer, args.prompt_len, batches, args.decode_steps)}
     print("dense", json.dumps(runs["dense"]), flush=True)
     sparsify(model, backend="dense")
-    first = next(m for m in model.modules() if type(m).__name__ == "SparseLinear")
-    probe = torch.zeros(1, first.in_features, dtype=torch.bfloat16, device=device)
-    for backend in [b for b in available(probe, first.packed) if b not in ("dense", "reference")] + ["auto"]:
+    for backend in usable_backends(model) + ["auto"]:
         set_backend(model, backend)
         runs[backend] = end_to_end(model, device, timer, args.prompt_len, batches, args.decode_steps)
         print(backend, json.dumps(runs[backend]), flush=True)

@@ -16,6 +16,7 @@ import shutil
 import torch
 
 from ..config import OneshotError
+from ..model_io import write_json
 from .base import FORMATS
 
 SIDECAR = "oneshot_sparsity.json"
@@ -142,9 +143,7 @@ def decode(raw: dict[str, torch.Tensor], sidecar: dict, perms: dict, fmt: str) -
 
 def load_state_dict(directory: str) -> dict[str, torch.Tensor]:
     """The dense state dict of a oneshot output in any format (the same keys transformers saved)."""
-    sidecar = read_sidecar(directory)
-    fmt = sidecar.get("format", "dense")
-    return decode(read_raw(directory, fmt), sidecar, read_permutations(directory), fmt)
+    return _read(directory)[2]
 
 
 def write_weights(directory: str, tensors: dict[str, torch.Tensor], fmt: str, max_shard_size: str = "5GB") -> None:
@@ -181,13 +180,19 @@ def check_format(fmt: str, sidecar: dict) -> None:
             raise OneshotError(reason)
 
 
+def _read(directory: str) -> tuple[dict, dict, dict]:
+    """(sidecar, permutations, dense state dict) of an output in any format."""
+    sidecar = read_sidecar(directory)
+    perms = read_permutations(directory)
+    fmt = sidecar.get("format", "dense")
+    return sidecar, perms, decode(read_raw(directory, fmt), sidecar, perms, fmt)
+
+
 def describe_storage(directory: str) -> dict:
     """The storage summary of an output as it is: its format, weight file bytes, and the pruned
     layers' bytes in every format that could store them."""
-    sidecar = read_sidecar(directory)
+    sidecar, perms, state = _read(directory)
     fmt = sidecar.get("format", "dense")
-    perms = read_permutations(directory)
-    state = decode(read_raw(directory, fmt), sidecar, perms, fmt)
     return {"format": fmt, "weight_file_bytes": files_bytes(directory, fmt),
             "formats": format_sizes(state, sidecar, perms)}
 
@@ -197,11 +202,8 @@ def rewrite(directory: str, fmt: str, source: str | None = None) -> dict:
 
     Updates the sidecar and report in ``directory``; returns the size summary it records.
     """
-    source = source or directory
-    sidecar = read_sidecar(source)
+    sidecar, perms, state = _read(source or directory)
     check_format(fmt, sidecar)
-    perms = read_permutations(source)
-    state = decode(read_raw(source, sidecar.get("format", "dense")), sidecar, perms, sidecar.get("format", "dense"))
     stored = encode(state, sidecar, perms, fmt)
     sizes = format_sizes(state, sidecar, perms)
     for name in _weight_file_names(directory):
@@ -209,13 +211,13 @@ def rewrite(directory: str, fmt: str, source: str | None = None) -> dict:
     write_weights(directory, stored, fmt)
     summary = {"format": fmt, "weight_file_bytes": files_bytes(directory, fmt), "formats": sizes}
     sidecar["format"] = fmt
-    _write_json(os.path.join(directory, SIDECAR), sidecar)
+    write_json(os.path.join(directory, SIDECAR), sidecar)
     report_path = os.path.join(directory, REPORT)
     if os.path.isfile(report_path):
         with open(report_path, encoding="utf-8") as fh:
             report = json.load(fh)
         report["storage"] = summary
-        _write_json(report_path, report)
+        write_json(report_path, report)
     return summary
 
 
@@ -262,9 +264,3 @@ def load(directory: str, **kwargs):
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     model = model_class.from_pretrained(None, config=config, state_dict=load_state_dict(directory), **kwargs)
     return model.eval()
-
-
-def _write_json(path: str, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2)
-        fh.write("\n")
