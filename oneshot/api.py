@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -18,9 +18,14 @@ from .memory import check as check_memory
 from .memory import estimate as estimate_memory
 from .report import check_plotting
 from .report import plot as plot_report
-from .engine import prune_layers
+from .engine import LayerIO, compute_dtype_for, prune_layers
+from .journal import Journal, fingerprint, model_files
+from .stream import ShardWriter, StreamedModel, StreamIO, layer_tensors, local_checkpoint, save_metadata, \
+    streaming_plan, transposed_names
 from .model_io import (
     atomic_output_dir,
+    find_decoder_layers,
+    partial_dir,
     context_length,
     inspect_structure,
     is_linear,
@@ -36,12 +41,20 @@ from .model_io import (
 from .formats.store import PERMUTATIONS, REPORT, SIDECAR, describe_storage, rewrite  # noqa: E402
 
 
-@dataclass
 class PruneResult:
-    model: object  # the pruned transformers model, on CPU
-    tokenizer: object
-    report: dict
-    out: str | None
+    """``model``: the pruned transformers model on the CPU. A streamed run never held it whole: it is
+    loaded from ``out`` the first time it is asked for."""
+
+    def __init__(self, model, tokenizer, report: dict, out: str | None):
+        self._model, self.tokenizer, self.report, self.out = model, tokenizer, report, out
+
+    @property
+    def model(self):
+        if self._model is None and self.out is not None:
+            from .formats.store import load as load_output
+
+            self._model = load_output(self.out)
+        return self._model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,7 +134,17 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
         raise OneshotError(f"--seqlen {cfg.seqlen} is beyond the model's context of {limit} tokens")
     structure = inspect_structure(hf_config, cfg.nm, cfg.ignore, cfg.trust_remote_code)
     device = resolve_device(cfg.device)
-    memory = estimate_memory(cfg, hf_config, structure, gguf=source.kind == "gguf")
+    streaming, streaming_why = streaming_plan(cfg.load, source, cfg.out, calib_kind)
+    streamed = None
+    if streaming:
+        checkpoint = local_checkpoint(source)
+        try:
+            streamed = StreamedModel(checkpoint, hf_config, cfg.dtype, cfg.trust_remote_code)
+        except OneshotError as exc:  # a checkpoint that does not map onto the model tensor for tensor
+            if cfg.load == "stream":
+                raise
+            streaming, streaming_why = False, str(exc).replace("; use --load full", "")
+    memory = estimate_memory(cfg, hf_config, structure, gguf=source.kind == "gguf", streaming=streaming)
     if cfg.memory_check:
         check_memory(cfg, memory, device)
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
@@ -129,90 +152,42 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
     if calib_kind != "self":
         calibration = load_calibration(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.text_field)
     phases["prepare"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    hf_model = load_model(source, cfg.dtype, cfg.trust_remote_code)
-    phases["load"] = time.perf_counter() - t
-    if calibration is None:
-        t = time.perf_counter()
-        calibration = generate_calibration(hf_model.to(device), tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, device)
-        hf_model.to("cpu")
-        phases["generate_calibration"] = time.perf_counter() - t
-
-    torch.manual_seed(cfg.seed)
-    constraint = cfg.constraint
-    body = prune_layers(
-        hf_model,
-        calibration.input_ids,
-        cfg.method,
-        constraint,
-        solver_options(cfg),
-        device=device,
-        ignore=cfg.ignore,
-        batch_size=cfg.batch_size,
-        sequential=cfg.sequential_mode,
-        progress=progress,
-        allocation={"kind": "owl", "m": cfg.owl_m, "lambda": cfg.owl_lambda} if cfg.allocation == "owl" else None,
-        heldout=cfg.heldout_windows,
-        block={"epochs": cfg.block_epochs, "lr": cfg.block_lr, "batch_windows": cfg.block_batch,
-               "target": cfg.block_target, "seed": cfg.seed} if cfg.update == "block" else None,
-    )
-    permutations = body.pop("permutations")
-    phases.update(body.pop("phases_seconds"))
-
-    total = sum(e["shape"][0] * e["shape"][1] for e in body["linears"])
-    zeros = sum(e["zeros"] for e in body["linears"])
-    params = list(hf_model.parameters())  # tied weights counted once
-    report = {
-        "model": cfg.model,
-        "source": source.kind,
-        "architecture": structure["architecture"],
-        "dtype": str(hf_model.dtype).replace("torch.", ""),
-        "method": cfg.method,
-        "pattern": constraint.describe(),
-        "target_sparsity": constraint.sparsity,
-        "sparsity": zeros / total if total else 0.0,
-        "pruned_parameters": total,
-        "total_parameters": sum(p.numel() for p in params),
-        "nonzero_parameters": int(sum(int(torch.count_nonzero(p)) for p in params)),
-        "mean_relative_error": sum(e["relative_error"] for e in body["linears"]) / max(len(body["linears"]), 1),
-        "calibration": calibration.info,
+    run = _Run(cfg, source, structure, device, tokenizer, calibration, streamed, phases, started, progress)
+    run.report_extra = {
+        "load": {"streaming": streaming, "why": streaming_why},
         "memory_estimate": {"host_bytes": memory["host_bytes"], "device_bytes": memory["device_bytes"],
                             **{f"{k}_bytes": v for k, v in memory["parts"].items()}},
-        "device": str(device),
-        "config": cfg.to_dict(),
-        **body,
-        "phases_seconds": {k: round(v, 3) for k, v in phases.items()},
-        "versions": _versions(),
-        "argv": list(sys.argv),  # the command line of the process that pruned (the CLI's, or the caller's script)
     }
 
-    if cfg.out is not None:
-        t = time.perf_counter()
-        with atomic_output_dir(cfg.out, cfg.overwrite) as tmp:
-            save_model(hf_model, tokenizer, tmp)
-            transposed = {name for name, module in hf_model.named_modules() if is_linear(module)
-                          and stores_transposed(module)}
-            write_json(os.path.join(tmp, SIDECAR), sparsity_metadata(report, transposed))
-            if permutations:
-                from safetensors.torch import save_file
-
-                save_file(permutations, os.path.join(tmp, PERMUTATIONS))
-            if cfg.format == "dense":
-                report["storage"] = describe_storage(tmp)
+    if cfg.out is None:
+        run.prune()
+        report = run.finish(None)
+    else:
+        fp = fingerprint(cfg, model_files(source.path, source.kind, source.gguf_file), str(device), streaming)
+        partial = partial_dir(cfg.out)
+        if not cfg.resume and os.path.isdir(partial):
+            shutil.rmtree(partial)  # an earlier run's leftovers: this run starts over
+        with atomic_output_dir(cfg.out, cfg.overwrite, partial=partial, keep_if=Journal.finished_in) as tmp:
+            journal = Journal(tmp)
+            if cfg.resume and Journal.finished_in(tmp):
+                journal.open(fp)  # refuses a different configuration, before any weight is read
+                run.resume_from(journal)
             else:
-                report["storage"] = rewrite(tmp, cfg.format)
-            report["phases_seconds"]["save"] = round(time.perf_counter() - t, 3)
-            report["seconds"] = round(time.perf_counter() - started, 3)
-            report["out"] = os.path.abspath(cfg.out)
-            write_json(os.path.join(tmp, REPORT), report)
+                for name in os.listdir(tmp):  # a journal with no finished layer: nothing worth keeping
+                    path = os.path.join(tmp, name)
+                    (shutil.rmtree if os.path.isdir(path) else os.remove)(path)
+                run.journal_new(journal, fp)
+            run.prune(tmp)
+            report = run.finish(tmp)
             if plot:
                 plot_report(report, os.path.join(tmp, "report.png"))
-    else:
-        report["seconds"] = round(time.perf_counter() - started, 3)
-        report["out"] = None
+    hf_model = run.result_model()
     if evaluator is not None:
         t = time.perf_counter()
+        if hf_model is None:  # streamed: the pruned model is on disk only
+            from .formats.store import load as load_output
+
+            hf_model = load_output(cfg.out)
         report["eval"] = {"config": evaluation.to_dict(), "pruned": evaluator(hf_model, tokenizer, device)}
         if eval_baseline:
             from .evaluate import compare
@@ -227,3 +202,180 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
             write_json(path + ".tmp", report)
             os.replace(path + ".tmp", path)
     return PruneResult(hf_model, tokenizer, report, report["out"])
+
+
+class _Run:
+    """One pruning run after its inputs were checked: load, prune layer by layer (journaling each
+    layer when there is an output), write, report."""
+
+    def __init__(self, cfg, source, structure, device, tokenizer, calibration, streamed, phases, started, progress):
+        self.progress = progress
+        self.cfg, self.source, self.structure, self.device = cfg, source, structure, device
+        self.tokenizer, self.calibration, self.streamed = tokenizer, calibration, streamed
+        self.phases, self.started = phases, started
+        self.journal: Journal | None = None
+        self.fp: dict | None = None
+        self.resume: dict | None = None
+        self.report_extra: dict = {}
+        self.model = None
+        self.writer = None
+        self.shards: dict[int, dict] = {}
+        self.layer_zeros: dict[int, int] = {}
+        self.body: dict = {}
+
+    # -- journal
+    def journal_new(self, journal: Journal, fp: dict) -> None:
+        self.journal, self.fp = journal, fp
+
+    def resume_from(self, journal: Journal) -> None:
+        self.journal = journal
+        ids = journal.input_ids()
+        if self.calibration is not None and not torch.equal(self.calibration.input_ids, ids):
+            raise OneshotError("--resume: the calibration text gives other tokens than the partial run's; "
+                               "rerun without --resume to start over")
+        self.calibration = Calibration(ids, journal.state["calibration"])
+        self.resume = journal.resume_state()
+        self.shards = {int(k): v for k, v in journal.state.get("shards", {}).items()}
+        self.layer_zeros = {int(k): v for k, v in journal.state.get("layer_zeros", {}).items()}
+
+    # -- the run
+    def _load(self) -> None:
+        cfg = self.cfg
+        t = time.perf_counter()
+        if self.streamed is not None:
+            self.model, self.io = self.streamed.model, StreamIO(self.streamed)
+        else:
+            self.model, self.io = load_model(self.source, cfg.dtype, cfg.trust_remote_code), LayerIO()
+            if self.resume is not None:  # layers the partial run finished, as it wrote them
+                path, layers = find_decoder_layers(self.model)
+                for i in range(self.resume["finished"]):
+                    prefix = f"{path}.{i}."
+                    layers[i].load_state_dict({k[len(prefix):]: v for k, v in self.journal.layer(i).items()})
+        self.phases["load"] = time.perf_counter() - t
+        if self.calibration is None:
+            t = time.perf_counter()
+            self.calibration = generate_calibration(self.model.to(self.device), self.tokenizer, cfg.nsamples,
+                                                    cfg.seqlen, cfg.seed, self.device)
+            self.model.to("cpu")
+            self.phases["generate_calibration"] = time.perf_counter() - t
+
+    def prune(self, tmp: str | None = None) -> None:
+        cfg = self.cfg
+        self.tmp = tmp
+        self._load()
+        if self.journal is not None and self.resume is None:
+            self.journal.start(self.fp, self.calibration.input_ids, self.calibration.info)
+        if tmp is not None and self.streamed is not None:
+            self.writer = ShardWriter(tmp, cfg.format, self.structure["num_layers"], self.model)
+        torch.manual_seed(cfg.seed)
+        self.meta = {"method": cfg.method, "pattern": cfg.constraint.describe(),
+                     "target_sparsity": cfg.constraint.sparsity, "versions": _versions()}
+        self.body = prune_layers(
+            self.model,
+            self.calibration.input_ids,
+            cfg.method,
+            cfg.constraint,
+            solver_options(cfg),
+            device=self.device,
+            ignore=cfg.ignore,
+            batch_size=cfg.batch_size,
+            sequential=cfg.sequential_mode,
+            progress=self.progress,
+            allocation={"kind": "owl", "m": cfg.owl_m, "lambda": cfg.owl_lambda} if cfg.allocation == "owl" else None,
+            heldout=cfg.heldout_windows,
+            block={"epochs": cfg.block_epochs, "lr": cfg.block_lr, "batch_windows": cfg.block_batch,
+                   "target": cfg.block_target, "seed": cfg.seed} if cfg.update == "block" else None,
+            io=self.io,
+            compute_dtype=compute_dtype_for(self.model.dtype, self.device),
+            resume=self.resume,
+            on_layer=self._layer_done,
+        )
+
+    def _sidecar(self, reports: list[dict], transposed: set[str]) -> dict:
+        return sparsity_metadata({**self.meta, "linears": reports}, transposed)
+
+    def _layer_done(self, i: int, layer, state: dict) -> None:
+        """Layer ``i`` is pruned: count its zeros, write its shard (streaming), journal it."""
+        path = self.body.get("layers_path") or find_decoder_layers(self.model)[0]
+        prefix = f"{path}.{i}"
+        self.layer_zeros[i] = sum(int(p.numel() - torch.count_nonzero(p)) for p in layer.parameters())
+        if self.journal is None:
+            return
+        tensors = layer_tensors(layer, prefix)
+        if self.writer is not None:
+            transposed = transposed_names(layer, prefix, self.cfg.ignore)
+            self.shards[i] = self.writer.write(i, tensors, self._sidecar(state["reports"], transposed),
+                                               state["permutations"])
+        self.journal.commit(i, state, {"shards": self.shards, "layer_zeros": self.layer_zeros},
+                            layer=None if self.writer is not None else tensors)
+
+    def finish(self, tmp: str | None) -> dict:
+        cfg, body = self.cfg, dict(self.body)
+        permutations = body.pop("permutations")
+        self.phases.update(body.pop("phases_seconds"))
+        if getattr(self.io, "seconds", None):
+            self.phases["read_checkpoint"] = round(self.io.seconds, 3)
+        total = sum(e["shape"][0] * e["shape"][1] for e in body["linears"])
+        zeros = sum(e["zeros"] for e in body["linears"])
+        t = time.perf_counter()
+        rest = self.streamed.output_rest() if self.streamed is not None else self._rest_parameters()
+        rest_zeros = sum(int(v.numel() - torch.count_nonzero(v)) for v in rest.values() if v.is_floating_point())
+        parameters = int(self.structure.get("parameters", 0))
+        report = {
+            "model": cfg.model,
+            "source": self.source.kind,
+            "architecture": self.structure["architecture"],
+            "dtype": str(self.model.dtype).replace("torch.", ""),
+            "method": cfg.method,
+            "pattern": cfg.constraint.describe(),
+            "target_sparsity": cfg.constraint.sparsity,
+            "sparsity": zeros / total if total else 0.0,
+            "pruned_parameters": total,
+            "total_parameters": parameters,
+            "nonzero_parameters": parameters - sum(self.layer_zeros.values()) - rest_zeros,
+            "mean_relative_error": sum(e["relative_error"] for e in body["linears"]) / max(len(body["linears"]), 1),
+            "calibration": self.calibration.info,
+            **self.report_extra,
+            "device": str(self.device),
+            "config": cfg.to_dict(),
+            **body,
+            "phases_seconds": {k: round(v, 3) for k, v in self.phases.items()},
+            "versions": _versions(),
+            "argv": list(sys.argv),  # the command line of the process that pruned (the CLI's, or the caller's script)
+        }
+        if tmp is None:
+            report["seconds"] = round(time.perf_counter() - self.started, 3)
+            report["out"] = None
+            return report
+        transposed = {name for name, module in self.model.named_modules() if is_linear(module)
+                      and stores_transposed(module)}
+        sidecar = sparsity_metadata(report, transposed)
+        if self.writer is not None:
+            self.shards[self.structure["num_layers"]] = self.writer.write(self.structure["num_layers"], rest, sidecar,
+                                                                          permutations)
+            report["storage"] = self.writer.finish(self.shards)
+            sidecar["format"] = cfg.format
+            save_metadata(self.streamed, self.streamed.directory, self.tokenizer, tmp)
+        else:
+            save_model(self.model, self.tokenizer, tmp)
+        self.journal.remove()
+        write_json(os.path.join(tmp, SIDECAR), sidecar)
+        if permutations:
+            from safetensors.torch import save_file
+
+            save_file(permutations, os.path.join(tmp, PERMUTATIONS))
+        if self.writer is None:
+            report["storage"] = describe_storage(tmp) if cfg.format == "dense" else rewrite(tmp, cfg.format)
+        report["phases_seconds"]["save"] = round(time.perf_counter() - t, 3)
+        report["seconds"] = round(time.perf_counter() - self.started, 3)
+        report["out"] = os.path.abspath(cfg.out)
+        write_json(os.path.join(tmp, REPORT), report)
+        return report
+
+    def _rest_parameters(self) -> dict[str, torch.Tensor]:
+        """The model's parameters outside its decoder layers (tied ones once)."""
+        path, _ = find_decoder_layers(self.model)
+        return {n: p.detach() for n, p in self.model.named_parameters() if not n.startswith(f"{path}.")}
+
+    def result_model(self):
+        return None if self.streamed is not None else self.model

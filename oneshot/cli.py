@@ -74,6 +74,12 @@ def _prune_parser(sub) -> None:
     p.add_argument("--no-memory-check", dest="memory_check", action="store_false", default=None,
                    help="run even when the estimated peak memory exceeds what is available")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models with custom code")
+    p.add_argument("--load", default=None, choices=("auto", "stream", "full"),
+                   help="stream: read each decoder layer from the safetensors shards only while it is pruned and "
+                        "write it out at once (memory: one layer); full: load the whole model; auto (default): "
+                        "stream when the checkpoint is safetensors")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue a killed or failed run from its journal (same command); starts fresh if none")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 

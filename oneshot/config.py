@@ -103,6 +103,9 @@ class PruneConfig:
     # output
     format: str = "dense"  # on-disk weight format: dense, packed24, bitmask (oneshot.formats)
     memory_check: bool = True  # refuse runs whose estimated peak memory exceeds what is available
+    # scale and resilience
+    load: str = "auto"  # "stream": one layer at a time from safetensors shards; "full": the whole model; auto: stream when it can
+    resume: bool = False  # continue a killed run from the journal in the output's partial directory
 
     @classmethod
     def from_options(cls, model: str, out: str | None = None, preset: str | None = None, **options) -> "PruneConfig":
@@ -189,6 +192,10 @@ class PruneConfig:
             raise OneshotError("--block-epochs must be >= 0, --block-lr and --block-batch > 0")
         if self.block_target not in ("layer", "model"):
             raise OneshotError(f"--block-target must be 'layer' or 'model', got {self.block_target!r}")
+        if self.load not in ("auto", "stream", "full"):
+            raise OneshotError(f"--load must be auto, stream or full, got {self.load!r}")
+        if self.resume and self.out is None:
+            raise OneshotError("--resume continues a run that writes an output: it needs --out")
         from .formats import FORMATS
 
         if self.format not in FORMATS:

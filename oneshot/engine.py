@@ -66,28 +66,56 @@ def all_finite(t: torch.Tensor) -> bool:
         return True
     return bool(torch.isfinite(t).all())
 
-def _to(obj, device):
+def _to(obj, device, dtype: torch.dtype | None = None):
+    """``obj`` (tensors, nested in tuples, lists and dicts) on ``device``; floating tensors also cast
+    to ``dtype`` when it is given (the compute dtype of a layer run in another dtype than stored)."""
     if isinstance(obj, torch.Tensor):
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device=device, dtype=dtype)
         return obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(_to(o, device, dtype) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [_to(o, device, dtype) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
     return obj
 
 
+class LayerIO:
+    """Where the engine's decoder layers come from and where they go once pruned. This one keeps the
+    whole model in memory; :class:`oneshot.stream.StreamIO` reads each layer from the checkpoint's
+    safetensors shards when it is needed and frees it once it is written."""
+
+    streaming = False
+
+    def prepare(self, model, device) -> None:
+        """Before capture: everything outside the decoder layers on the compute device."""
+        model.to(device)
+
+    def load(self, i: int, layer: nn.Module, device) -> None:
+        layer.to(device)
+
+    def release(self, i: int, layer: nn.Module, device) -> None:
+        if device.type != "cpu":
+            layer.to("cpu")
+
+    def finish(self, model) -> None:
+        model.to("cpu")
+
+
 @torch.no_grad()
-def capture_inputs(model, layers: nn.ModuleList, batches: list[torch.Tensor], device, store) -> Captured:
+def capture_inputs(model, layers: nn.ModuleList, batches: list[torch.Tensor], device, store,
+                   io: LayerIO | None = None) -> Captured:
     """Run the model with recorders in place of its layers; returns what each layer receives."""
+    io = io or LayerIO()
     originals = list(layers)
     sink: list = []
     for i in range(len(layers)):
         layers[i] = _Recorder(i, sink, last=i == len(layers) - 1)
     captured = Captured()
     try:
-        model.to(device)  # only embeddings, rotary tables and norms are left: the layers are recorders
+        io.prepare(model, device)  # only embeddings, rotary tables and norms are left: the layers are recorders
         for ids in batches:
             sink.clear()
             try:
@@ -152,11 +180,14 @@ class _LayerPruner:
 
     def __init__(self, linears: dict[str, nn.Module], spec, constraint: Constraint, options: dict,
                  nbatches: int, device, error_tokens: int, *, needs_hessian: bool | None = None,
-                 heldout_from: int | None = None):
+                 heldout_from: int | None = None, storage_dtype: torch.dtype | None = None,
+                 keep_dense: bool = False):
         self.linears, self.spec, self.constraint, self.options = linears, spec, constraint, options
         self.nbatches, self.device, self.error_tokens = nbatches, device, error_tokens
         self.needs_hessian = spec.needs_hessian if needs_hessian is None else needs_hessian
         self.heldout_from = heldout_from  # windows from this index on are held out (judge updates only)
+        self.storage_dtype = storage_dtype  # the checkpoint's dtype when the layer computes in another
+        self.keep_dense = keep_dense  # keep each dense weight (fp32) for refresh() after the block update
         self.window_offset = 0
         self.masks: dict[str, torch.Tensor] = {}
         self.dense: dict[str, torch.Tensor] = {}
@@ -279,19 +310,25 @@ class _LayerPruner:
         if "input_permutation" in info:
             self.permutations[name] = torch.tensor(info.pop("input_permutation"), dtype=torch.int32)
             info["permuted"] = True
-        self.masks[name] = result.mask
-        self.dense[name] = dense
+        if self.keep_dense:  # the block update needs both (a whole layer of fp32 weights and masks)
+            self.masks[name] = result.mask
+            self.dense[name] = dense
+        if self.storage_dtype is not None:  # round to what will be stored, so the layer runs with it
+            weight = weight.to(self.storage_dtype)
         set_weight(module, weight)
         written = get_weight(module)  # what is stored, after the cast to the model's dtype
         if (torch.signbit(written) & (written == 0)).any():
             written = positive_zeros(written)
             set_weight(module, written)
-        self.deltas[name] = dense - written.to(dense.device)
+        # the change, for the output error: kept in the stored dtype (a whole layer of them is held)
+        self.deltas[name] = (dense - written.to(dense.device)).to(self.storage_dtype or module.weight.dtype)
+        shape = list(dense.shape)
+        del dense
         elapsed = time.perf_counter() - t
         self.solve_seconds += elapsed
         entry = {
             "name": name,
-            "shape": list(dense.shape),
+            "shape": shape,
             "shared_stats_with": leader if leader != name else None,
             "target_sparsity": self.constraint.sparsity,
             "mask_sparsity": float(result.mask.float().mean()),
@@ -307,7 +344,8 @@ class _LayerPruner:
         for name, module in self.linears.items():
             written = positive_zeros(get_weight(module))
             set_weight(module, written)
-            self.deltas[name] = self.dense[name] - written.to(self.dense[name].device)
+            delta = self.dense[name] - written.to(self.dense[name].device)
+            self.deltas[name] = delta.to(self.storage_dtype or module.weight.dtype)
             self.entries[name]["sparsity"] = float((written == 0).float().mean())
             self.entries[name]["zeros"] = int((written == 0).sum())
 
@@ -329,7 +367,7 @@ class _LayerPruner:
             bias = getattr(module, "bias", None)
             if bias is not None:
                 y = y - bias.to(torch.float32)
-            e = x @ self.deltas[name].t()
+            e = x @ self.deltas[name].t().to(torch.float32)
             acc[0] += float((e * e).sum())
             acc[1] += float(((y + e) ** 2).sum())
             acc[2] += x.shape[0]
@@ -405,25 +443,57 @@ def activation_store(device: torch.device, captured_bytes: int) -> torch.device:
     return device if 2 * captured_bytes < _available_bytes(device) // 2 else torch.device("cpu")
 
 
-def _layer_inputs(captured: Captured, i: int, device):
-    """(window offset, hidden, args, kwargs) of every captured batch for layer ``i``."""
+def _layer_inputs(captured: Captured, i: int, device, dtype: torch.dtype | None = None):
+    """(window offset, hidden, args, kwargs) of every captured batch for layer ``i``, floating
+    tensors in ``dtype`` when given."""
     offset = 0
     for b, hidden in enumerate(captured.hidden):
         args, kwargs = captured.layer_args[b][i]
-        yield offset, hidden.to(device), _to(args, device), _to(kwargs, device)
+        yield offset, _to(hidden, device, dtype), _to(args, device, dtype), _to(kwargs, device, dtype)
         offset += hidden.shape[0]
 
 
+def compute_dtype_for(storage: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a layer runs in: float32 for 16-bit weights on the CPU (where bfloat16 matmuls without
+    AVX512-BF16/AMX run at a fraction of a GFLOP/s, ``benchmarks/cpu_dtypes.py``), else the stored one.
+    Weights are rounded to the stored dtype as they are pruned, so the output is the same dtype."""
+    if device.type == "cpu" and storage in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return storage
+
+
+def _onload(io: LayerIO, i: int, layer: nn.Module, device, compute: torch.dtype | None) -> dict:
+    """Layer ``i`` on ``device`` with its floating parameters in ``compute`` (when given); returns
+    each cast parameter's stored dtype for :func:`_offload`."""
+    io.load(i, layer, device)
+    stored = {}
+    if compute is not None:
+        for name, param in layer.named_parameters():
+            if param.is_floating_point() and param.dtype != compute:
+                stored[name] = param.dtype
+                param.data = param.data.to(compute)
+    return stored
+
+
+def _restore(layer: nn.Module, stored: dict) -> None:
+    """Parameters back in their stored dtype (exact: pruned weights were rounded to it already)."""
+    for name, param in layer.named_parameters():
+        if name in stored:
+            param.data = param.data.to(stored[name])
+
+
 @torch.no_grad()
-def owl_densities(layers, path: str, captured: Captured, device, ignore, m: float, store) -> tuple[list[float], list[int]]:
+def owl_densities(layers, path: str, captured: Captured, device, ignore, m: float, store,
+                  io: LayerIO | None = None, compute: torch.dtype | None = None) -> tuple[list[float], list[int]]:
     """OWL's pre-pass: run the *dense* model layer by layer (its own copy of the activations) and
     measure each layer's outlier density and pruned parameter count."""
     from .allocation import outlier_density
 
+    io = io or LayerIO()
     hidden = [h.clone() for h in captured.hidden]
     dens, params = [], []
     for i, layer in enumerate(layers):
-        layer.to(device)
+        stored = _onload(io, i, layer, device, compute)
         linears = find_linears(layer, f"{path}.{i}", ignore)
         sums = {name: None for name in linears}
 
@@ -438,7 +508,7 @@ def owl_densities(layers, path: str, captured: Captured, device, ignore, m: floa
         handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in linears.items()]
         try:
             view = Captured(hidden, captured.layer_args)
-            hidden = [_forward(layer, h, a, kw).to(store) for _, h, a, kw in _layer_inputs(view, i, device)]
+            hidden = [_forward(layer, h, a, kw).to(store) for _, h, a, kw in _layer_inputs(view, i, device, compute)]
         finally:
             for h in handles:
                 h.remove()
@@ -448,8 +518,8 @@ def owl_densities(layers, path: str, captured: Captured, device, ignore, m: floa
         else:
             dens.append(0.0)
         params.append(sum(linear_shape(mod)[0] * linear_shape(mod)[1] for mod in linears.values()))
-        if device.type != "cpu":
-            layer.to("cpu")
+        _restore(layer, stored)
+        io.release(i, layer, device)
     return dens, params
 
 
@@ -457,24 +527,33 @@ def owl_densities(layers, path: str, captured: Captured, device, ignore, m: floa
 def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constraint, options: dict, *,
                  device: torch.device, ignore=(), batch_size: int = 0, sequential: str = "layer",
                  progress: bool = True, allocation: dict | None = None, heldout: int = 0,
-                 block: dict | None = None) -> dict:
+                 block: dict | None = None, io: LayerIO | None = None, compute_dtype: torch.dtype | None = None,
+                 resume: dict | None = None, on_layer=None) -> dict:
     """Prune every linear inside the decoder layers of ``model`` in place; returns the report's body.
 
     ``allocation``: ``{"kind": "owl", "m": .., "lambda": ..}`` for per-layer sparsities (unstructured);
     ``heldout``: the last windows that only judge updates (``options["update"]`` lstsq/admm, or
     ``block``: ``{"epochs", "lr", "batch_windows", "target": "layer"|"model", "seed"}``).
+    ``io``: where layers come from and go (:class:`LayerIO`: in memory); ``compute_dtype``: run each
+    layer in this dtype (weights are still rounded to the stored one).
+    ``on_layer(i, layer, state)``: called once layer ``i`` is pruned, in its stored dtype, with the
+    run's state so far (what a journal needs to resume: :func:`run_state`); ``resume``: such a state,
+    to continue from its next layer.
     """
     from tqdm.auto import tqdm
 
     from .reconstruct import reconstruct_block
     from .solvers import solver_needs_hessian
 
+    io = io or LayerIO()
     spec = SOLVERS[method]
     nsamples, seqlen = input_ids.shape
     path, layers = find_decoder_layers(model)
     config = getattr(model.config, "text_config", None) or model.config
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
-    dtype_bytes = torch.finfo(model.dtype).bits // 8
+    storage = model.dtype
+    compute = compute_dtype if compute_dtype is not None and compute_dtype != storage else None
+    dtype_bytes = torch.finfo(compute or storage).bits // 8
     per_batch = plan_batches(input_ids, layers[0], heads, dtype_bytes, device, batch_size)
     batches = list(input_ids.split(per_batch))
     hidden_size = model.get_input_embeddings().weight.shape[1]
@@ -486,32 +565,47 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
         raise OneshotError("--update block needs --sequential layer")
 
     t0 = time.perf_counter()
-    captured = capture_inputs(model, layers, batches, device, store)
+    captured = capture_inputs(model, layers, batches, device, store, io)
     phases["capture"] = time.perf_counter() - t0
 
     constraints = [constraint] * len(layers)
-    layer_sparsity = None
+    if resume is not None:
+        allocation = resume.get("allocation") or allocation
     if allocation and allocation.get("kind") == "owl":
         from .allocation import owl_sparsities
 
-        t = time.perf_counter()
-        dens, params = owl_densities(layers, path, captured, device, ignore, float(allocation["m"]), store)
-        try:
-            layer_sparsity = owl_sparsities(dens, params, constraint.sparsity, float(allocation["lambda"]))
-        except ValueError as exc:
-            raise OneshotError(str(exc)) from None
-        constraints = [Constraint(sparsity=s) for s in layer_sparsity]
-        phases["allocation"] = time.perf_counter() - t
-        allocation = {**allocation, "outlier_density": dens, "layer_sparsity": layer_sparsity}
+        if "layer_sparsity" not in allocation:
+            t = time.perf_counter()
+            dens, params = owl_densities(layers, path, captured, device, ignore, float(allocation["m"]), store, io,
+                                         compute)
+            try:
+                layer_sparsity = owl_sparsities(dens, params, constraint.sparsity, float(allocation["lambda"]))
+            except ValueError as exc:
+                raise OneshotError(str(exc)) from None
+            phases["allocation"] = time.perf_counter() - t
+            allocation = {**allocation, "outlier_density": dens, "layer_sparsity": layer_sparsity}
+        constraints = [Constraint(sparsity=s) for s in allocation["layer_sparsity"]]
     dense_stream = [h.clone() for h in captured.hidden] if block and block.get("target") == "model" else None
 
     reports, notes, passes, blocks = [], [], [], []
     permutations: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=len(layers), desc=f"{method} {constraint.describe()}", unit="layer", disable=not progress)
+    start = 0
+    if resume is not None:
+        start = int(resume["finished"])
+        captured.hidden = list(resume["hidden"])
+        if dense_stream is not None:
+            dense_stream = list(resume["dense_stream"])
+        reports, notes, passes, blocks = (list(resume[k]) for k in ("reports", "notes", "passes", "blocks"))
+        permutations = dict(resume["permutations"])
+    bar = tqdm(total=len(layers), initial=start, desc=f"{method} {constraint.describe()}", unit="layer",
+               disable=not progress)
     for i, layer in enumerate(layers):
+        if i < start:
+            continue
         prefix = f"{path}.{i}"
         t = time.perf_counter()
-        layer.to(device)
+        stored = _onload(io, i, layer, device, compute)
+        phases["layer_io"] = phases.get("layer_io", 0.0) + time.perf_counter() - t
         linears = find_linears(layer, prefix, ignore)
         for b, hidden in enumerate(captured.hidden):
             if not all_finite(hidden):
@@ -520,39 +614,48 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
                     "the model overflows in this dtype: try --dtype float32"
                 )
         pruner = _LayerPruner(linears, spec, constraints[i], options, len(batches), device, ERROR_TOKENS,
-                              needs_hessian=needs_hessian, heldout_from=heldout_from)
+                              needs_hessian=needs_hessian, heldout_from=heldout_from,
+                              storage_dtype=storage if compute is not None else None, keep_dense=block is not None)
         outputs: list[torch.Tensor | None] = [None] * len(batches)
         targets: list[torch.Tensor] = []
         layer_passes = 0
+
+        def inputs(view=captured):
+            return _layer_inputs(view, i, device, compute)
+
         try:
             if dense_stream is not None:  # the dense model's hidden state after this layer: the block's target
                 view = Captured(dense_stream, captured.layer_args)
                 pruner.paused = True  # the dense layer on the dense stream: no statistics, no solving
-                dense_stream = [_forward(layer, h, a, kw).to(store) for _, h, a, kw in _layer_inputs(view, i, device)]
+                dense_stream = [_forward(layer, h, a, kw).to(store) for _, h, a, kw in inputs(view)]
                 pruner.paused = False
                 targets = dense_stream
             if spec.needs_stats and sequential == "layer":  # the reference way: all statistics from the dense layer
                 layer_passes += 1
                 pruner.collect_only = True
-                for offset, hidden, args, kwargs in _layer_inputs(captured, i, device):
+                for offset, hidden, args, kwargs in inputs():
                     pruner.start_batch(offset)
                     out = _forward(layer, hidden, args, kwargs)
                     if block is not None and dense_stream is None:
                         targets.append(out.to(store))
                 pruner.collect_only = False
             elif block is not None and dense_stream is None:
-                targets = [_forward(layer, h, a, kw).to(store) for _, h, a, kw in _layer_inputs(captured, i, device)]
+                targets = [_forward(layer, h, a, kw).to(store) for _, h, a, kw in inputs()]
             if not spec.needs_stats or sequential == "layer":
                 pruner.solve_all()
             if block is not None and linears:
                 tb = time.perf_counter()
                 pruner.paused = True
                 info = reconstruct_block(
-                    layer, linears, pruner.masks, captured.hidden, [captured.layer_args[b][i] for b in range(len(batches))],
+                    layer, linears, pruner.masks, [_to(h, store, compute) for h in captured.hidden],
+                    [_to(captured.layer_args[b][i], store, compute) for b in range(len(batches))],
                     targets, heldout or max(1, nsamples // 8), epochs=int(block["epochs"]), lr=float(block["lr"]),
                     batch_windows=int(block["batch_windows"]), seed=int(block.get("seed", 0)) + i, device=device,
                 )
                 pruner.paused = False
+                if compute is not None:  # the trained weights, rounded to the stored dtype
+                    for module in linears.values():
+                        module.weight.data = module.weight.data.to(storage).to(compute)
                 pruner.refresh()
                 blocks.append({"layer": prefix, **info})
                 phases["block_update"] = phases.get("block_update", 0.0) + time.perf_counter() - tb
@@ -560,7 +663,7 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
                 layer_passes += 1
                 if layer_passes > len(linears) + 3:  # no progress: some linear is never reached
                     break
-                for b, (offset, hidden, args, kwargs) in enumerate(_layer_inputs(captured, i, device)):
+                for b, (offset, hidden, args, kwargs) in enumerate(inputs()):
                     if outputs[b] is not None:
                         continue
                     pruner.start_batch(offset)
@@ -580,17 +683,22 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
             if "fallback" in entry:
                 notes.append(f"{entry['name']}: {entry['fallback']}")
         phases["solve"] += pruner.solve_seconds
-        phases["prune_and_propagate"] += time.perf_counter() - t
         passes.append(layer_passes)
         del pruner, targets
-        if device.type != "cpu":
-            layer.to("cpu")
         reports.extend(layer_linears)
+        _restore(layer, stored)
+        phases["prune_and_propagate"] += time.perf_counter() - t
+        tw = time.perf_counter()
+        if on_layer is not None:
+            on_layer(i, layer, run_state(i + 1, captured.hidden, dense_stream, reports, notes, passes, blocks,
+                                         permutations, allocation))
+        io.release(i, layer, device)
+        phases["layer_io"] = phases.get("layer_io", 0.0) + time.perf_counter() - tw
         if layer_linears:
             bar.set_postfix(err=f"{sum(e['relative_error'] for e in layer_linears) / len(layer_linears):.3g}")
         bar.update(1)
     bar.close()
-    model.to("cpu")
+    io.finish(model)
     body = {
         "layers_path": path,
         "num_layers": len(layers),
@@ -601,6 +709,7 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
         "forward_batch": per_batch,
         "forward_passes_per_layer": max(passes) if passes else 0,
         "activations_on": str(store),
+        "compute_dtype": str(compute or storage).replace("torch.", ""),
         "error_tokens": ERROR_TOKENS,
         "permutations": permutations,
     }
@@ -610,4 +719,13 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
         body["heldout_windows"] = heldout
     if blocks:
         body["block_update"] = blocks
+    if start:
+        body["resumed_at_layer"] = start
     return body
+
+
+def run_state(finished: int, hidden, dense_stream, reports, notes, passes, blocks, permutations, allocation) -> dict:
+    """What a resumed run needs: layers done, the activations entering the next one, the report so far."""
+    return {"finished": finished, "hidden": hidden, "dense_stream": dense_stream, "reports": reports,
+            "notes": notes, "passes": passes, "blocks": blocks, "permutations": permutations,
+            "allocation": allocation}

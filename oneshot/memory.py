@@ -1,5 +1,6 @@
 """Peak memory of a pruning run, estimated before any weight is read, and the guard that refuses a
-run that cannot fit (issue 6, first part: the whole model is still loaded into host memory).
+run that cannot fit (issue 6). A streamed run holds everything outside the decoder layers and one
+layer (as read, in its compute dtype, and its changes) instead of the whole model.
 
 host  = process overhead (torch, transformers, tokenizer: ~0.5 GiB)
       + the weights, twice while loading (transformers materialises, then converts or dequantizes)
@@ -27,17 +28,19 @@ def _dtype_bytes(cfg: PruneConfig, hf_config) -> int:
     return torch.tensor([], dtype=getattr(torch, str(dtype).replace("torch.", ""), torch.float32)).element_size()
 
 
-def estimate(cfg: PruneConfig, hf_config, structure: dict, gguf: bool = False) -> dict:
+def estimate(cfg: PruneConfig, hf_config, structure: dict, gguf: bool = False, streaming: bool = False) -> dict:
     """Bytes of each part and the host/device peaks for this run (see the module docstring)."""
     from .solvers import SOLVERS
 
     element = 4 if gguf and cfg.dtype == "auto" else _dtype_bytes(cfg, hf_config)  # GGUF dequantizes to fp32
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    compute = 4 if on_cpu and element == 2 else element  # 16-bit layers run in fp32 on the CPU
     text = getattr(hf_config, "text_config", None) or hf_config
     hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0) or getattr(text, "d_model", 0))
     linears = list(structure["linears"].values())
     per_layer = len(linears) // max(structure["num_layers"], 1) or len(linears)
     layer_linears = linears[:per_layer]
-    activations = cfg.nsamples * cfg.seqlen * hidden * element * (3 if cfg.update == "block" else 2)
+    activations = cfg.nsamples * cfg.seqlen * hidden * compute * (3 if cfg.update == "block" else 2)
     needs_hessian = SOLVERS[cfg.method].needs_hessian or cfg.update in ("lstsq", "admm") or (
         cfg.method == "dsnot" and cfg.dsnot_init == "sparsegpt")
     stats = sum((d_in * d_in if needs_hessian else d_in) * 4 for _, d_in in layer_linears)
@@ -48,7 +51,14 @@ def estimate(cfg: PruneConfig, hf_config, structure: dict, gguf: bool = False) -
     weights = int(structure.get("parameters", 0)) * element
     parts = {"overhead": OVERHEAD, "weights": weights, "activations": activations, "statistics": stats,
              "solve": solve, "layer_weights": layer_weights}
-    host = OVERHEAD + 2 * weights + activations + stats + solve
+    # one layer as read, as it runs (compute dtype) and its changes for the error report (stored dtype)
+    layer_peak = layer_weights * (1 + compute / element) + layer_weights
+    if streaming:  # everything outside the layers (the head only at the end, when the layers are gone)
+        rest = max(0, weights - structure["num_layers"] * layer_weights)
+        parts["weights"] = rest
+        host = OVERHEAD + rest + layer_peak + activations + stats + solve
+    else:
+        host = OVERHEAD + 2 * weights + activations + stats + solve
     device_peak = activations + stats + solve + layer_weights
     return {"parts": parts, "host_bytes": host, "device_bytes": device_peak}
 

@@ -215,19 +215,31 @@ def inspect_structure(config, nm: tuple[int, int] | None, ignore: list[str], tru
 # ---------------------------------------------------------------- output
 
 
+def partial_dir(out: str) -> str:
+    """The fixed temporary directory of a journaled run into ``out`` (hidden, beside it)."""
+    out = os.path.abspath(out)
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.oneshot-partial")
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: str, overwrite: bool):
+def atomic_output_dir(out: str, overwrite: bool, partial: str | None = None, keep_if=None):
     """Yield a temporary directory beside ``out``; on success rename it into place.
 
     On any failure (or Ctrl-C) the temporary directory is removed and ``out`` is left as it was.
-    An existing non-empty ``out`` is replaced only with ``overwrite``.
+    An existing non-empty ``out`` is replaced only with ``overwrite``. ``partial``: use this fixed
+    directory (a journaled run: it may hold an earlier run's progress) and, on failure, keep it when
+    ``keep_if(partial)`` is true, so ``--resume`` can continue.
     """
     out = os.path.abspath(out)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise OneshotError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.oneshot-tmp-", dir=parent)
+    if partial is not None:
+        os.makedirs(partial, exist_ok=True)
+        tmp = partial
+    else:
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.oneshot-tmp-", dir=parent)
     try:
         yield tmp
         _normal_permissions(tmp)
@@ -240,6 +252,8 @@ def atomic_output_dir(out: str, overwrite: bool):
         if old:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
+        if keep_if is not None and keep_if(tmp):
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 

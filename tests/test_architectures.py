@@ -113,10 +113,10 @@ def test_json_output_and_determinism(tiny_factory, calib_txt, tmp_path, capsys):
         assert main(["prune", src, "--method", "sparsegpt", "--calib", calib_txt, "--nsamples", "4", "--seqlen", "32",
                      "--out", str(tmp_path / name), "--json"]) == 0
         reports.append(json.loads(capsys.readouterr().out))
-    from safetensors.torch import load_file
+    from oneshot.formats.store import load_state_dict
 
-    a = load_file(str(tmp_path / "a" / "model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    a = load_state_dict(str(tmp_path / "a"))
+    b = load_state_dict(str(tmp_path / "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [e["relative_error"] for e in reports[0]["linears"]] == [e["relative_error"] for e in reports[1]["linears"]]
     assert reports[0]["calibration"]["tokens"] == 4 * 32
@@ -126,7 +126,7 @@ def test_json_output_and_determinism(tiny_factory, calib_txt, tmp_path, capsys):
 @pytest.mark.parametrize("sequential", ["layer", "linear"])
 def test_small_batches_match_one_batch(method, sequential, tiny_factory, calib_txt, tmp_path):
     """Batches that stop at each unsolved linear give the same result as one forward over all windows."""
-    from safetensors.torch import load_file
+    from oneshot.formats.store import load_state_dict
 
     src = tiny_factory("mistral")
     reports = {}
@@ -139,8 +139,8 @@ def test_small_batches_match_one_batch(method, sequential, tiny_factory, calib_t
         assert reports["one"]["forward_passes_per_layer"] == 1 and reports["many"]["forward_passes_per_layer"] > 1
     else:  # statistics pass, then output pass
         assert reports["one"]["forward_passes_per_layer"] == reports["many"]["forward_passes_per_layer"] == 2
-    a = load_file(str(tmp_path / "one" / "model.safetensors"))
-    b = load_file(str(tmp_path / "many" / "model.safetensors"))
+    a = load_state_dict(str(tmp_path / "one"))
+    b = load_state_dict(str(tmp_path / "many"))
     for key in a:
         if key.endswith("proj.weight"):
             assert ((a[key] == 0) == (b[key] == 0)).float().mean() > 0.99, key
@@ -150,14 +150,14 @@ def test_small_batches_match_one_batch(method, sequential, tiny_factory, calib_t
 def test_sequential_layer_mode_uses_dense_statistics(tiny_factory, calib_txt, tmp_path):
     """--sequential layer (the reference way) gathers every statistic from the dense layer: o_proj's
     statistics then differ from the default, where o_proj sees the pruned q/k/v."""
-    from safetensors.torch import load_file
+    from oneshot.formats.store import load_state_dict
 
     src = tiny_factory("llama")
     weights, reports = {}, {}
     for mode in ("linear", "layer"):
         assert main(["prune", src, "--method", "wanda", "--calib", calib_txt, "--nsamples", "4", "--seqlen", "32",
                      "--sequential", mode, "--out", str(tmp_path / mode), "--quiet"]) == 0
-        weights[mode] = load_file(str(tmp_path / mode / "model.safetensors"))
+        weights[mode] = load_state_dict(str(tmp_path / mode))
         reports[mode] = json.loads((tmp_path / mode / "report.json").read_text())
     q = "model.layers.0.self_attn.q_proj.weight"
     o = "model.layers.0.self_attn.o_proj.weight"

@@ -170,7 +170,7 @@ def _weights_file(directory):
 def test_verify_catches_each_planted_defect(defect, tiny_factory, calib_txt, tmp_path, capsys):
     out = tmp_path / "o"
     pattern = ["--sparsity", "0.5"] if defect == "fewer_zeros" else ["--pattern", "2:4"]
-    _prune(tiny_factory("llama"), calib_txt, out, *pattern)
+    _prune(tiny_factory("llama"), calib_txt, out, *pattern, "--load", "full")  # one weight file to plant in
     assert main(["verify", str(out), "--quiet"]) == 0
     path = _weights_file(out)
     tensors = load_file(str(path))

@@ -94,3 +94,25 @@ def make_tiny_model(arch: str, directory: str, dtype: torch.dtype = torch.float3
     model.save_pretrained(directory)
     make_tokenizer().save_pretrained(directory)
     return directory
+
+
+def make_sharded_llama(directory: str, layers: int = 6, hidden: int = 128, dtype: torch.dtype = torch.bfloat16,
+                       max_shard_size: str = "300KB", seed: int = 0) -> str:
+    """A random Llama checkpoint with several decoder layers, saved as sharded safetensors (an index
+    and several shards), untied head: what streaming reads."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                            tie_word_embeddings=False, **COMMON)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model = model.to(dtype)
+    os.makedirs(directory, exist_ok=True)
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
+    make_tokenizer().save_pretrained(directory)
+    return directory

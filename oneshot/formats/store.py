@@ -150,7 +150,7 @@ def write_weights(directory: str, tensors: dict[str, torch.Tensor], fmt: str, ma
     from huggingface_hub import save_torch_state_dict
 
     save_torch_state_dict(tensors, directory, filename_pattern=_prefix(fmt) + "{suffix}.safetensors",
-                          max_shard_size=max_shard_size, metadata={"format": "pt", "oneshot_format": fmt})
+                          max_shard_size=max_shard_size, metadata={"format": "pt"})  # the sidecar names the format
 
 
 def format_sizes(state: dict[str, torch.Tensor], sidecar: dict, perms: dict) -> dict:

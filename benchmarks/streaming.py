@@ -1,0 +1,115 @@
+"""Issue 6 bar: prune a checkpoint bigger than memory allows, streaming, and measure peak RSS.
+
+    python benchmarks/streaming.py make /tmp/big            # ~8.8 GB bf16 Llama, 42 layers, sharded
+    python benchmarks/streaming.py run /tmp/big --load stream
+    python benchmarks/streaming.py run /tmp/big --load full
+
+``make`` writes the random checkpoint shard by shard (never the whole model in memory): Llama
+architecture, hidden 3072, MLP 8192, 24 heads / 8 KV heads, vocabulary 32000, untied head.
+``run`` prunes it with Wanda 50% (calibration from the shared WikiText-2 validation text) in a
+child process and prints its peak RSS (``getrusage(RUSAGE_CHILDREN)``), wall time and the report's
+phases. Results: benchmarks/RESULTS.md, "Issue 6".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("ONESHOT_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+
+SHAPE = dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+             vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+def make(directory: str, layers: int, seed: int) -> None:
+    import torch
+    import transformers as tf
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from tiny import make_tokenizer
+
+    config = tf.LlamaConfig(num_hidden_layers=layers, dtype="bfloat16", **SHAPE)
+    with init_empty_weights():
+        skeleton = tf.AutoModelForCausalLM.from_config(config)
+    shapes = {n: p.shape for n, p in skeleton.named_parameters()}
+    groups = [[n for n in shapes if n.startswith(f"model.layers.{i}.")] for i in range(layers)]
+    groups.append([n for n in shapes if not n.startswith("model.layers.")])
+    os.makedirs(directory, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    for k, names in enumerate(groups):
+        name = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for n in names:
+            shape = shapes[n]
+            if len(shape) == 1:
+                tensors[n] = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                tensors[n] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+            weight_map[n] = name
+            total += tensors[n].numel() * 2
+        save_file(tensors, os.path.join(directory, name), metadata={"format": "pt"})
+        print(f"\r{k + 1}/{len(groups)} shards, {total / 1e9:.2f} GB", end="", flush=True)
+    print()
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as fh:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
+    config.save_pretrained(directory)
+    make_tokenizer().save_pretrained(directory)
+    print(f"{directory}: {total / 1e9:.2f} GB ({total / 2**30:.2f} GiB) of bf16 weights, {layers} layers")
+
+
+def run(directory: str, load: str, nsamples: int, seqlen: int, out: str) -> None:
+    calib = os.path.join(SHARED, "data", "wikitext-2", "wiki.valid.tokens")
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    cmd = [sys.executable, "-m", "oneshot", "prune", directory, "--method", "wanda", "--sparsity", "0.5",
+           "--calib", calib, "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--load", load, "--out", out,
+           "--quiet", "--no-memory-check"]
+    print(" ".join(cmd), flush=True)
+    t = time.perf_counter()
+    done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": ROOT})
+    wall = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    size = sum(os.path.getsize(os.path.join(directory, n)) for n in os.listdir(directory) if n.endswith(".safetensors"))
+    print(f"exit {done.returncode}; checkpoint {size / 1e9:.2f} GB; peak RSS {peak / 1e9:.2f} GB "
+          f"({peak / 2**30:.2f} GiB); wall {wall:.0f} s")
+    if done.returncode == 0:
+        with open(os.path.join(out, "report.json")) as fh:
+            report = json.load(fh)
+        print("phases:", report["phases_seconds"])
+        print("estimate host:", round(report["memory_estimate"]["host_bytes"] / 1e9, 2), "GB; sparsity",
+              round(report["sparsity"], 4), "; load", report["load"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("make")
+    p.add_argument("dir")
+    p.add_argument("--layers", type=int, default=42)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("run")
+    p.add_argument("dir")
+    p.add_argument("--load", default="stream", choices=("stream", "full"))
+    p.add_argument("--nsamples", type=int, default=8)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.command == "make":
+        make(args.dir, args.layers, args.seed)
+    else:
+        run(args.dir, args.load, args.nsamples, args.seqlen, args.out or args.dir.rstrip("/") + f"-pruned-{args.load}")
+
+
+if __name__ == "__main__":
+    main()

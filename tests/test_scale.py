@@ -1,0 +1,210 @@
+"""Issue 6: streaming from safetensors shards, resume after kill -9, the memory estimator."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tiny import make_sharded_llama
+
+from oneshot import prune
+from oneshot.config import OneshotError
+from oneshot.formats.store import load_state_dict
+from oneshot.journal import JOURNAL, STATE
+from oneshot.model_io import partial_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    directory = make_sharded_llama(str(tmp_path_factory.mktemp("sharded")))
+    with open(os.path.join(directory, "model.safetensors.index.json")) as fh:
+        shards = set(json.load(fh)["weight_map"].values())
+    assert len(shards) > 2, "the synthetic checkpoint should be sharded"
+    return directory
+
+
+def _run(model, out, **options):
+    opts = dict(method="wanda", sparsity=0.5, calib=options.pop("calib"), nsamples=8, seqlen=32, progress=False)
+    opts.update(options)
+    return prune(model, out, **opts)
+
+
+@pytest.mark.parametrize("method,pattern,fmt", [("wanda", None, "dense"), ("sparsegpt", "2:4", "packed24")])
+def test_streaming_equals_in_memory(sharded, calib_txt, tmp_path, method, pattern, fmt):
+    results = {}
+    for load in ("stream", "full"):
+        out = str(tmp_path / load)
+        r = _run(sharded, out, calib=calib_txt, method=method, pattern=pattern, sparsity=None if pattern else 0.5,
+                 load=load, format=fmt)
+        assert r.report["load"]["streaming"] is (load == "stream")
+        results[load] = (r, load_state_dict(out))
+    (rs, a), (rf, b) = results["stream"], results["full"]
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype == torch.bfloat16
+        assert torch.equal(a[key], b[key]), key
+    assert "lm_head.weight" in a  # untied head kept
+    for key in ("sparsity", "nonzero_parameters", "total_parameters", "pruned_parameters"):
+        assert rs.report[key] == rf.report[key], key
+    assert [e["zeros"] for e in rs.report["linears"]] == [e["zeros"] for e in rf.report["linears"]]
+    assert rs.report["storage"]["formats"] == rf.report["storage"]["formats"]
+    # the streamed output is a sharded checkpoint that plain transformers loads
+    out = str(tmp_path / "stream")
+    if fmt == "dense":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(out)
+        with open(os.path.join(out, "model.safetensors.index.json")) as fh:
+            assert len(set(json.load(fh)["weight_map"].values())) == 7  # 6 layers + the rest
+        logits = model(torch.tensor([[1, 5, 9, 13]])).logits
+        assert torch.isfinite(logits).all()
+    # the pruned model of a streamed run is loaded from the output on demand
+    assert rs.model is not None and rs.model.model.layers[0].mlp.up_proj.weight.device.type == "cpu"
+
+
+def test_auto_streams_safetensors_and_falls_back(sharded, calib_txt, tmp_path):
+    r = _run(sharded, str(tmp_path / "a"), calib=calib_txt)
+    assert r.report["load"] == {"streaming": True, "why": "safetensors checkpoint"}
+    assert "read_checkpoint" in r.report["phases_seconds"] and "layer_io" in r.report["phases_seconds"]
+    r = _run(sharded, None, calib=calib_txt)
+    assert r.report["load"]["streaming"] is False and "--out" in r.report["load"]["why"]
+    r = _run(sharded, str(tmp_path / "b"), calib="self", nsamples=2, seqlen=16)
+    assert r.report["load"]["streaming"] is False and "self" in r.report["load"]["why"]
+
+
+def test_gguf_cannot_stream():
+    from oneshot.model_io import ModelSource
+    from oneshot.stream import streaming_plan
+
+    gguf = ModelSource("m.gguf", "/x", "gguf", "m.gguf")
+    assert streaming_plan("auto", gguf, "/out", "file") == (
+        False, "GGUF files are dequantized whole by transformers; they cannot stream")
+    with pytest.raises(OneshotError, match="--load stream: GGUF"):
+        streaming_plan("stream", gguf, "/out", "file")
+
+
+def test_load_stream_refuses_what_cannot_stream(tmp_path, calib_txt, tiny_factory):
+    directory = tiny_factory("llama")
+    os.rename(os.path.join(directory, "model.safetensors"), os.path.join(directory, "weights.bak"))
+    try:
+        with pytest.raises(OneshotError, match="--load stream: the checkpoint has no model.safetensors"):
+            _run(directory, str(tmp_path / "o"), calib=calib_txt, load="stream")
+    finally:
+        os.rename(os.path.join(directory, "weights.bak"), os.path.join(directory, "model.safetensors"))
+
+
+def test_streaming_memory_estimate_is_smaller(sharded, calib_txt, tmp_path):
+    a = _run(sharded, str(tmp_path / "s"), calib=calib_txt, load="stream").report["memory_estimate"]
+    b = _run(sharded, str(tmp_path / "f"), calib=calib_txt, load="full").report["memory_estimate"]
+    assert a["host_bytes"] < b["host_bytes"]
+    assert a["weights_bytes"] < b["weights_bytes"]
+
+
+# ---------------------------------------------------------------- resume
+
+VOLATILE = {"seconds", "phases_seconds", "peak_memory", "argv", "resumed_at_layer", "config", "out"}
+
+
+def _stable_report(path: str) -> dict:
+    with open(path) as fh:
+        report = json.load(fh)
+    for key in VOLATILE:
+        report.pop(key, None)
+    for entry in report["linears"]:
+        entry.pop("seconds", None)
+    return report
+
+
+def _files(directory: str) -> dict[str, bytes]:
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        if name != "report.json":
+            with open(os.path.join(directory, name), "rb") as fh:
+                out[name] = fh.read()
+    return out
+
+
+def _cli(model, out, calib, *extra):
+    return [sys.executable, "-m", "oneshot", "prune", model, "--out", out, "--calib", calib, "--method", "sparsegpt",
+            "--nsamples", "16", "--seqlen", "64", "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """Enough layers and width that a run lasts long enough to be killed in the middle."""
+    return make_sharded_llama(str(tmp_path_factory.mktemp("deep")), layers=10, hidden=256, max_shard_size="2MB")
+
+
+def _kill_when(proc, out: str, finished: int, timeout: float = 240) -> int:
+    """kill -9 ``proc`` once its journal says ``finished`` layers are done; returns how many were."""
+    state = os.path.join(partial_dir(out), JOURNAL, STATE)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("the run finished before it could be killed")
+        try:
+            with open(state) as fh:
+                done = json.load(fh)["finished"]
+        except (OSError, ValueError, KeyError):
+            done = -1
+        if done >= finished:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return done
+        time.sleep(0.005)
+    proc.kill()
+    raise AssertionError("timed out waiting for the journal")
+
+
+@pytest.mark.parametrize("load", ["stream", "full"])
+def test_resume_after_kill_is_byte_identical(deep, calib_txt, tmp_path, load):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    reference = str(tmp_path / "reference")
+    subprocess.run(_cli(deep, reference, calib_txt, "--load", load), check=True, env=env)
+
+    out = str(tmp_path / "resumed")
+    killed_at = []
+    for k in (0, 3, 7):  # 0: killed while loading, before any layer is journaled
+        proc = subprocess.Popen(_cli(deep, out, calib_txt, "--load", load, "--resume"), env=env)
+        if k == 0:
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            killed_at.append(0)
+        else:
+            killed_at.append(_kill_when(proc, out, k))
+        assert not os.path.exists(out), "a killed run must not leave an output"
+    assert killed_at[-1] < 10
+    subprocess.run(_cli(deep, out, calib_txt, "--load", load, "--resume"), check=True, env=env)
+    assert not os.path.exists(partial_dir(out))
+    assert _files(out) == _files(reference)
+    resumed, ref = _stable_report(os.path.join(out, "report.json")), _stable_report(os.path.join(reference, "report.json"))
+    assert resumed == ref
+    with open(os.path.join(out, "report.json")) as fh:
+        assert json.load(fh)["resumed_at_layer"] >= 7
+
+
+def test_resume_refuses_a_different_configuration(deep, calib_txt, tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = str(tmp_path / "o")
+    proc = subprocess.Popen(_cli(deep, out, calib_txt), env=env)
+    _kill_when(proc, out, 2)
+    done = subprocess.run(_cli(deep, out, calib_txt, "--resume", "--sparsity", "0.6"), env=env,
+                          capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "different configuration: --sparsity (None then, 0.6 now)" in done.stderr
+    assert os.path.isdir(partial_dir(out)), "the journal survives a refused resume"
+    # without --resume the run starts over and discards the journal
+    subprocess.run(_cli(deep, out, calib_txt), check=True, env=env)
+    assert not os.path.exists(partial_dir(out))
+    with open(os.path.join(out, "report.json")) as fh:
+        assert "resumed_at_layer" not in json.load(fh)
