@@ -18,6 +18,10 @@ from .memory import check as check_memory
 from .memory import estimate as estimate_memory
 from .report import check_plotting
 from .report import plot as plot_report
+from .distributed import Group
+from .distributed import check as check_distributed
+from .distributed import setup as setup_distributed
+from .distributed import teardown as teardown_distributed
 from .engine import LayerIO, compute_dtype_for, prune_layers
 from .journal import Journal, fingerprint, model_files
 from .stream import ShardWriter, StreamedModel, StreamIO, layer_tensors, local_checkpoint, save_metadata, \
@@ -133,7 +137,9 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
     if limit is not None and cfg.seqlen > limit:
         raise OneshotError(f"--seqlen {cfg.seqlen} is beyond the model's context of {limit} tokens")
     structure = inspect_structure(hf_config, cfg.nm, cfg.ignore, cfg.trust_remote_code)
-    device = resolve_device(cfg.device)
+    group, device_name = setup_distributed(cfg.device)
+    check_distributed(cfg, group)
+    device = resolve_device(device_name)
     streaming, streaming_why = streaming_plan(cfg.load, source, cfg.out, calib_kind)
     streamed = None
     if streaming:
@@ -153,13 +159,18 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
         calibration = load_calibration(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.text_field)
     phases["prepare"] = time.perf_counter() - t
     run = _Run(cfg, source, structure, device, tokenizer, calibration, streamed, phases, started, progress)
-    run.report_extra = {
+    run.group = group
+    if group is not None:
+        run.report_extra["distributed"] = {"world_size": group.world, "rank_windows": [
+            list(Group(r, group.world).windows(cfg.nsamples)) for r in range(group.world)],
+            "backend": "nccl" if device.type == "cuda" else "gloo"}
+    run.report_extra |= {
         "load": {"streaming": streaming, "why": streaming_why},
         "memory_estimate": {"host_bytes": memory["host_bytes"], "device_bytes": memory["device_bytes"],
                             **{f"{k}_bytes": v for k, v in memory["parts"].items()}},
     }
 
-    if cfg.out is None:
+    if cfg.out is None or (group is not None and not group.is_writer):  # under torchrun rank 0 writes
         run.prune()
         report = run.finish(None)
     else:
@@ -182,6 +193,10 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
             if plot:
                 plot_report(report, os.path.join(tmp, "report.png"))
     hf_model = run.result_model()
+    if group is not None:
+        teardown_distributed(group)
+        if not group.is_writer:
+            return PruneResult(hf_model, tokenizer, report, None)
     if evaluator is not None:
         t = time.perf_counter()
         if hf_model is None:  # streamed: the pruned model is on disk only
@@ -214,6 +229,7 @@ class _Run:
         self.tokenizer, self.calibration, self.streamed = tokenizer, calibration, streamed
         self.phases, self.started = phases, started
         self.journal: Journal | None = None
+        self.group = None
         self.fp: dict | None = None
         self.resume: dict | None = None
         self.report_extra: dict = {}
@@ -268,18 +284,22 @@ class _Run:
         if tmp is not None and self.streamed is not None:
             self.writer = ShardWriter(tmp, cfg.format, self.structure["num_layers"], self.model)
         torch.manual_seed(cfg.seed)
+        input_ids, first, sequential = self.calibration.input_ids, 0, cfg.sequential_mode
+        if self.group is not None:  # this rank's windows; statistics of the dense layer, summed over ranks
+            first, stop = self.group.windows(input_ids.shape[0])
+            input_ids, sequential = input_ids[first:stop], "layer"
         self.meta = {"method": cfg.method, "pattern": cfg.constraint.describe(),
                      "target_sparsity": cfg.constraint.sparsity, "versions": _versions()}
         self.body = prune_layers(
             self.model,
-            self.calibration.input_ids,
+            input_ids,
             cfg.method,
             cfg.constraint,
             solver_options(cfg),
             device=self.device,
             ignore=cfg.ignore,
             batch_size=cfg.batch_size,
-            sequential=cfg.sequential_mode,
+            sequential=sequential,
             progress=self.progress,
             allocation={"kind": "owl", "m": cfg.owl_m, "lambda": cfg.owl_lambda} if cfg.allocation == "owl" else None,
             heldout=cfg.heldout_windows,
@@ -289,6 +309,8 @@ class _Run:
             compute_dtype=compute_dtype_for(self.model.dtype, self.device),
             resume=self.resume,
             on_layer=self._layer_done,
+            group=self.group,
+            first_window=first,
         )
 
     def _sidecar(self, reports: list[dict], transposed: set[str]) -> dict:

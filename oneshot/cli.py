@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__
@@ -201,8 +202,14 @@ def _run_prune(args) -> int:
     if args.eval_baseline and not args.eval:
         raise OneshotError("--eval-baseline goes with --eval")
     evaluation = _eval_config(args) if args.eval else None
-    result = prune(config=config, progress=not (args.quiet or args.json), evaluation=evaluation,
+    from .distributed import launched
+
+    rank = int(os.environ.get("RANK", "0")) if launched() else 0
+    quiet = args.quiet or args.json or rank != 0  # under torchrun only rank 0 reports
+    result = prune(config=config, progress=not quiet, evaluation=evaluation,
                    eval_baseline=args.eval_baseline, plot=args.plot)
+    if rank != 0:
+        return 0
     if args.json:
         _print_json(result.report)
     elif not args.quiet:

@@ -181,13 +181,14 @@ class _LayerPruner:
     def __init__(self, linears: dict[str, nn.Module], spec, constraint: Constraint, options: dict,
                  nbatches: int, device, error_tokens: int, *, needs_hessian: bool | None = None,
                  heldout_from: int | None = None, storage_dtype: torch.dtype | None = None,
-                 keep_dense: bool = False):
+                 keep_dense: bool = False, group=None):
         self.linears, self.spec, self.constraint, self.options = linears, spec, constraint, options
         self.nbatches, self.device, self.error_tokens = nbatches, device, error_tokens
         self.needs_hessian = spec.needs_hessian if needs_hessian is None else needs_hessian
         self.heldout_from = heldout_from  # windows from this index on are held out (judge updates only)
         self.storage_dtype = storage_dtype  # the checkpoint's dtype when the layer computes in another
         self.keep_dense = keep_dense  # keep each dense weight (fp32) for refresh() after the block update
+        self.group = group  # torch.distributed: statistics summed, linears solved round robin (oneshot.distributed)
         self.window_offset = 0
         self.masks: dict[str, torch.Tensor] = {}
         self.dense: dict[str, torch.Tensor] = {}
@@ -354,7 +355,45 @@ class _LayerPruner:
         for name, module in self.linears.items():
             if self.spec.needs_stats and name not in self.leader:
                 raise OneshotError(f"{name}: never ran in the layer's forward pass; --ignore them")
+        if self.group is not None:
+            self._solve_distributed()
+            return
+        for name, module in self.linears.items():
             self.solve(name, module)
+
+    def _solve_distributed(self) -> None:
+        """Sum every leader's statistics over the ranks, solve linear k on rank k mod world, and
+        broadcast each pruned weight and its report entry from its owner."""
+        group = self.group
+        for name in sorted(self.stats):
+            st = self.stats[name]
+            tokens = torch.tensor([float(st.tokens)], dtype=torch.float64)
+            group.all_reduce(tokens)
+            st.tokens = int(tokens.item())
+            group.all_reduce(st.sums)
+            if st.hessian is not None:
+                group.all_reduce(st.hessian)
+                st.sq_norms = st.hessian.diagonal().clone()
+            else:
+                group.all_reduce(st.sq_norms)
+        names = list(self.linears)
+        for k, name in enumerate(names):
+            if k % group.world == group.rank:
+                self.solve(name, self.linears[name])
+        for k, name in enumerate(names):
+            owner, module = k % group.world, self.linears[name]
+            dense = None if owner == group.rank else get_weight(module)
+            weight = module.weight.data.to(torch.float32).contiguous()  # gloo has no bfloat16
+            group.broadcast(weight, owner)
+            entry, perm = group.broadcast_object((self.entries.get(name), self.permutations.get(name)), owner)
+            if dense is None:
+                continue
+            module.weight.data.copy_(weight.to(module.weight.dtype))
+            self.entries[name] = entry
+            if perm is not None:
+                self.permutations[name] = perm
+            written = get_weight(module)
+            self.deltas[name] = (dense - written).to(self.storage_dtype or module.weight.dtype)
 
     # -- output error of every pruned linear, on inputs that reach it after it was pruned
     def _error_hook(self, name):
@@ -375,6 +414,11 @@ class _LayerPruner:
         return hook
 
     def report(self) -> list[dict]:
+        if self.group is not None:  # each rank measured its share of the same first tokens
+            for name in self.linears:
+                acc = torch.tensor(self.err[name], dtype=torch.float64)
+                self.group.all_reduce(acc)
+                self.err[name] = [float(acc[0]), float(acc[1]), int(acc[2])]
         out = []
         for name in self.linears:
             entry = self.entries[name]
@@ -528,7 +572,7 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
                  device: torch.device, ignore=(), batch_size: int = 0, sequential: str = "layer",
                  progress: bool = True, allocation: dict | None = None, heldout: int = 0,
                  block: dict | None = None, io: LayerIO | None = None, compute_dtype: torch.dtype | None = None,
-                 resume: dict | None = None, on_layer=None) -> dict:
+                 resume: dict | None = None, on_layer=None, group=None, first_window: int = 0) -> dict:
     """Prune every linear inside the decoder layers of ``model`` in place; returns the report's body.
 
     ``allocation``: ``{"kind": "owl", "m": .., "lambda": ..}`` for per-layer sparsities (unstructured);
@@ -538,7 +582,8 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
     layer in this dtype (weights are still rounded to the stored one).
     ``on_layer(i, layer, state)``: called once layer ``i`` is pruned, in its stored dtype, with the
     run's state so far (what a journal needs to resume: :func:`run_state`); ``resume``: such a state,
-    to continue from its next layer.
+    to continue from its next layer. ``group``: a torch.distributed group (:mod:`oneshot.distributed`);
+    ``input_ids`` are then this rank's windows, the first of them window ``first_window`` of all.
     """
     from tqdm.auto import tqdm
 
@@ -563,6 +608,8 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
     heldout_from = nsamples - heldout if heldout else None
     if block is not None and sequential != "layer":
         raise OneshotError("--update block needs --sequential layer")
+    if group is not None and sequential != "layer":
+        raise OneshotError("a distributed run sums the statistics of the dense layer: it needs --sequential layer")
 
     t0 = time.perf_counter()
     captured = capture_inputs(model, layers, batches, device, store, io)
@@ -613,9 +660,11 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
                     f"non-finite values (NaN/Inf) reach decoder layer {i} ({prefix}) in calibration batch {b}; "
                     "the model overflows in this dtype: try --dtype float32"
                 )
-        pruner = _LayerPruner(linears, spec, constraints[i], options, len(batches), device, ERROR_TOKENS,
+        pruner = _LayerPruner(linears, spec, constraints[i], options, len(batches), device,
+                              max(0, ERROR_TOKENS - first_window * seqlen),  # the same first tokens on any rank count
                               needs_hessian=needs_hessian, heldout_from=heldout_from,
-                              storage_dtype=storage if compute is not None else None, keep_dense=block is not None)
+                              storage_dtype=storage if compute is not None else None, keep_dense=block is not None,
+                              group=group)
         outputs: list[torch.Tensor | None] = [None] * len(batches)
         targets: list[torch.Tensor] = []
         layer_passes = 0
@@ -693,6 +742,7 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
             on_layer(i, layer, run_state(i + 1, captured.hidden, dense_stream, reports, notes, passes, blocks,
                                          permutations, allocation))
         io.release(i, layer, device)
+        free_memory()
         phases["layer_io"] = phases.get("layer_io", 0.0) + time.perf_counter() - tw
         if layer_linears:
             bar.set_postfix(err=f"{sum(e['relative_error'] for e in layer_linears) / len(layer_linears):.3g}")
@@ -722,6 +772,19 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
     if start:
         body["resumed_at_layer"] = start
     return body
+
+
+def free_memory() -> None:
+    """After each layer: collect reference cycles (hooks and modules hold some, and with them a layer's
+    tensors) and hand freed heap back to the OS, so host memory stays flat over hundreds of layers."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def run_state(finished: int, hidden, dense_stream, reports, notes, passes, blocks, permutations, allocation) -> dict:

@@ -208,3 +208,52 @@ def test_resume_refuses_a_different_configuration(deep, calib_txt, tmp_path):
     assert not os.path.exists(partial_dir(out))
     with open(os.path.join(out, "report.json")) as fh:
         assert "resumed_at_layer" not in json.load(fh)
+
+
+# ---------------------------------------------------------------- torch.distributed
+
+
+@pytest.fixture(scope="module")
+def sharded32(tmp_path_factory):
+    return make_sharded_llama(str(tmp_path_factory.mktemp("sharded32")), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("method,dtype", [("sparsegpt", "float32"), ("wanda", "bfloat16")])
+def test_two_gloo_ranks_match_one_process(method, dtype, sharded, sharded32, calib_txt, tmp_path):
+    """torchrun with 2 CPU processes (gloo): windows split, statistics all-reduced, linears solved on
+    both ranks, rank 0 writes. Same masks as one process; errors within 1e-4 relative."""
+    model = sharded32 if dtype == "float32" else sharded
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    args = [model, "--calib", calib_txt, "--method", method, "--nsamples", "8", "--seqlen", "32", "--quiet"]
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "oneshot", "prune", *args, "--out", two], check=True, env=env, timeout=600)
+    subprocess.run([sys.executable, "-m", "oneshot", "prune", *args, "--out", one, "--sequential", "layer"],
+                   check=True, env=env, timeout=600)
+    a, b = load_state_dict(one), load_state_dict(two)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert torch.equal(a[key] == 0, b[key] == 0), f"{key}: masks differ"
+        assert torch.allclose(a[key].float(), b[key].float(), rtol=1e-3, atol=1e-4), key
+    with open(os.path.join(one, "report.json")) as fh:
+        ra = json.load(fh)
+    with open(os.path.join(two, "report.json")) as fh:
+        rb = json.load(fh)
+    assert rb["distributed"] == {"world_size": 2, "rank_windows": [[0, 4], [4, 8]], "backend": "gloo"}
+    assert "distributed" not in ra
+    for x, y in zip(ra["linears"], rb["linears"]):
+        assert x["name"] == y["name"] and x["zeros"] == y["zeros"] and x["error_tokens"] == y["error_tokens"]
+        assert abs(x["relative_error"] - y["relative_error"]) <= 1e-4 * x["relative_error"], x["name"]
+
+
+def test_distributed_refuses_what_it_cannot_do_yet():
+    from oneshot.config import PruneConfig
+    from oneshot.distributed import Group, check
+
+    group = Group(0, 4)
+    assert [Group(r, 4).windows(10) for r in range(4)] == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    with pytest.raises(OneshotError, match="fewer calibration windows than the 4 ranks"):
+        check(PruneConfig(model="m", nsamples=3), group)
+    with pytest.raises(OneshotError, match="--resume is not supported with torchrun"):
+        check(PruneConfig(model="m", out="o", resume=True), group)
+    check(PruneConfig(model="m"), None)
