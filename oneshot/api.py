@@ -311,6 +311,7 @@ class _Run:
             on_layer=self._layer_done,
             group=self.group,
             first_window=first,
+            offload_activations=cfg.offload_activations,
         )
 
     def _sidecar(self, reports: list[dict], transposed: set[str]) -> dict:

@@ -106,6 +106,7 @@ class PruneConfig:
     # scale and resilience
     load: str = "auto"  # "stream": one layer at a time from safetensors shards; "full": the whole model; auto: stream when it can
     resume: bool = False  # continue a killed run from the journal in the output's partial directory
+    offload_activations: bool = False  # calibration activations in host memory, one batch at a time on the GPU
 
     @classmethod
     def from_options(cls, model: str, out: str | None = None, preset: str | None = None, **options) -> "PruneConfig":

@@ -93,6 +93,9 @@ class LayerIO:
         """Before capture: everything outside the decoder layers on the compute device."""
         model.to(device)
 
+    def captured(self, model) -> None:
+        """After capture: what sits outside the decoder layers is no longer needed."""
+
     def load(self, i: int, layer: nn.Module, device) -> None:
         layer.to(device)
 
@@ -199,7 +202,11 @@ class _LayerPruner:
         self.inputs: list[tuple[torch.Tensor, str]] = []  # this forward's leader inputs
         self.entries: dict[str, dict] = {}
         self.deltas: dict[str, torch.Tensor] = {}
-        self.err = {name: [0.0, 0.0, 0] for name in linears}  # Σ‖xΔᵀ‖², Σ‖xWᵀ‖², tokens
+        # Σ‖xΔᵀ‖², Σ‖xWᵀ‖² (fp64 on the compute device: no host round trip per batch), tokens
+        self.err = {name: [torch.zeros((), dtype=torch.float64, device=device),
+                           torch.zeros((), dtype=torch.float64, device=device), 0] for name in linears}
+        self.stats_seconds = 0.0  # host time in the statistics hooks and the error hooks (the profile)
+        self.error_seconds = 0.0
         self.solve_seconds = 0.0
         self.collect_only = False  # True: gather statistics from the dense layer, solve nothing yet
         self.paused = False  # True while the block update runs its own forwards
@@ -270,6 +277,13 @@ class _LayerPruner:
             st.sq_norms = st.hessian.diagonal().clone()
 
     def _accumulate(self, name: str, x: torch.Tensor) -> None:
+        t = time.perf_counter()
+        try:
+            self._accumulate_timed(name, x)
+        finally:
+            self.stats_seconds += time.perf_counter() - t
+
+    def _accumulate_timed(self, name: str, x: torch.Tensor) -> None:
         st = self.stats.get(name)
         if st is None:
             st = self.stats[name] = self._new_stats(x.shape[-1], x.device)
@@ -311,20 +325,27 @@ class _LayerPruner:
         if "input_permutation" in info:
             self.permutations[name] = torch.tensor(info.pop("input_permutation"), dtype=torch.int32)
             info["permuted"] = True
+        mask_sparsity = float(result.mask.float().mean())
         if self.keep_dense:  # the block update needs both (a whole layer of fp32 weights and masks)
             self.masks[name] = result.mask
             self.dense[name] = dense
+        del result  # free the solver's copies before the next ones (streamed layers of big models)
         if self.storage_dtype is not None:  # round to what will be stored, so the layer runs with it
             weight = weight.to(self.storage_dtype)
         set_weight(module, weight)
+        del weight
         written = get_weight(module)  # what is stored, after the cast to the model's dtype
         if (torch.signbit(written) & (written == 0)).any():
             written = positive_zeros(written)
             set_weight(module, written)
+        zeros = int((written == 0).sum())
         # the change, for the output error: kept in the stored dtype (a whole layer of them is held)
-        self.deltas[name] = (dense - written.to(dense.device)).to(self.storage_dtype or module.weight.dtype)
+        delta = dense.clone() if self.keep_dense else dense
+        delta.sub_(written.to(dense.device))
+        del written
+        self.deltas[name] = delta.to(self.storage_dtype or module.weight.dtype)
         shape = list(dense.shape)
-        del dense
+        del dense, delta
         elapsed = time.perf_counter() - t
         self.solve_seconds += elapsed
         entry = {
@@ -332,9 +353,9 @@ class _LayerPruner:
             "shape": shape,
             "shared_stats_with": leader if leader != name else None,
             "target_sparsity": self.constraint.sparsity,
-            "mask_sparsity": float(result.mask.float().mean()),
-            "sparsity": float((written == 0).float().mean()),
-            "zeros": int((written == 0).sum()),
+            "mask_sparsity": mask_sparsity,
+            "sparsity": zeros / (shape[0] * shape[1]),
+            "zeros": zeros,
             "seconds": round(elapsed, 4),
         }
         entry.update(info)
@@ -401,28 +422,32 @@ class _LayerPruner:
             acc = self.err[name]
             if self.paused or name not in self.deltas or acc[2] >= self.error_tokens:
                 return
+            t = time.perf_counter()
             x = args[0].reshape(-1, args[0].shape[-1])[: self.error_tokens - acc[2]].to(torch.float32)
             y = output.reshape(-1, output.shape[-1])[: x.shape[0]].to(torch.float32)
             bias = getattr(module, "bias", None)
             if bias is not None:
                 y = y - bias.to(torch.float32)
             e = x @ self.deltas[name].t().to(torch.float32)
-            acc[0] += float((e * e).sum())
-            acc[1] += float(((y + e) ** 2).sum())
+            acc[0] += (e * e).sum(dtype=torch.float64)
+            acc[1] += ((y + e) ** 2).sum(dtype=torch.float64)
             acc[2] += x.shape[0]
+            self.error_seconds += time.perf_counter() - t
 
         return hook
 
     def report(self) -> list[dict]:
         if self.group is not None:  # each rank measured its share of the same first tokens
             for name in self.linears:
-                acc = torch.tensor(self.err[name], dtype=torch.float64)
+                err, ref, tokens = self.err[name]
+                acc = torch.stack([err, ref, torch.tensor(float(tokens), dtype=torch.float64, device=err.device)])
                 self.group.all_reduce(acc)
-                self.err[name] = [float(acc[0]), float(acc[1]), int(acc[2])]
+                self.err[name] = [acc[0], acc[1], int(acc[2])]
         out = []
         for name in self.linears:
             entry = self.entries[name]
             err, ref, tokens = self.err[name]
+            err, ref = float(err), float(ref)
             entry["relative_error"] = err / ref if ref > 0 else 0.0
             entry["error_tokens"] = tokens
             out.append(entry)
@@ -480,10 +505,11 @@ def plan_batches(input_ids: torch.Tensor, layer: nn.Module, heads: int, dtype_by
     return int(max(1, min(nsamples, _available_bytes(device) // 4 // per_window)))
 
 
-def activation_store(device: torch.device, captured_bytes: int) -> torch.device:
-    """Keep activations on the compute device when two copies fit in half of its free memory."""
-    if device.type != "cuda":
-        return device
+def activation_store(device: torch.device, captured_bytes: int, offload: bool = False) -> torch.device:
+    """Keep activations on the compute device when two copies fit in half of its free memory (and
+    ``--offload-activations`` was not given): else in host memory, one batch at a time on the device."""
+    if device.type != "cuda" or offload:
+        return torch.device("cpu")
     return device if 2 * captured_bytes < _available_bytes(device) // 2 else torch.device("cpu")
 
 
@@ -508,7 +534,7 @@ def compute_dtype_for(storage: torch.dtype, device: torch.device) -> torch.dtype
 
 def _onload(io: LayerIO, i: int, layer: nn.Module, device, compute: torch.dtype | None) -> dict:
     """Layer ``i`` on ``device`` with its floating parameters in ``compute`` (when given); returns
-    each cast parameter's stored dtype for :func:`_offload`."""
+    each cast parameter's stored dtype for :func:`_restore`."""
     io.load(i, layer, device)
     stored = {}
     if compute is not None:
@@ -572,7 +598,8 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
                  device: torch.device, ignore=(), batch_size: int = 0, sequential: str = "layer",
                  progress: bool = True, allocation: dict | None = None, heldout: int = 0,
                  block: dict | None = None, io: LayerIO | None = None, compute_dtype: torch.dtype | None = None,
-                 resume: dict | None = None, on_layer=None, group=None, first_window: int = 0) -> dict:
+                 resume: dict | None = None, on_layer=None, group=None, first_window: int = 0,
+                 offload_activations: bool = False) -> dict:
     """Prune every linear inside the decoder layers of ``model`` in place; returns the report's body.
 
     ``allocation``: ``{"kind": "owl", "m": .., "lambda": ..}`` for per-layer sparsities (unstructured);
@@ -602,7 +629,7 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
     per_batch = plan_batches(input_ids, layers[0], heads, dtype_bytes, device, batch_size)
     batches = list(input_ids.split(per_batch))
     hidden_size = model.get_input_embeddings().weight.shape[1]
-    store = activation_store(device, nsamples * seqlen * hidden_size * dtype_bytes)
+    store = activation_store(device, nsamples * seqlen * hidden_size * dtype_bytes, offload_activations)
     phases = {"capture": 0.0, "prune_and_propagate": 0.0, "solve": 0.0}
     needs_hessian = solver_needs_hessian(method, options)
     heldout_from = nsamples - heldout if heldout else None
@@ -613,6 +640,8 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
 
     t0 = time.perf_counter()
     captured = capture_inputs(model, layers, batches, device, store, io)
+    io.captured(model)
+    free_memory()
     phases["capture"] = time.perf_counter() - t0
 
     constraints = [constraint] * len(layers)
@@ -732,6 +761,8 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
             if "fallback" in entry:
                 notes.append(f"{entry['name']}: {entry['fallback']}")
         phases["solve"] += pruner.solve_seconds
+        phases["statistics"] = phases.get("statistics", 0.0) + pruner.stats_seconds
+        phases["error_measure"] = phases.get("error_measure", 0.0) + pruner.error_seconds
         passes.append(layer_passes)
         del pruner, targets
         reports.extend(layer_linears)

@@ -28,7 +28,7 @@ from .config import OneshotError, PruneConfig
 JOURNAL = ".oneshot-journal"
 STATE = "state.json"
 # options that change where or whether the result is written, not what it is
-_NOT_FINGERPRINTED = ("out", "overwrite", "memory_check", "resume", "load")
+_NOT_FINGERPRINTED = ("out", "overwrite", "memory_check", "resume", "load", "offload_activations")
 
 
 def fingerprint(cfg: PruneConfig, model_files: dict[str, int], device: str, streaming: bool) -> dict:

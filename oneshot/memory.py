@@ -59,7 +59,9 @@ def estimate(cfg: PruneConfig, hf_config, structure: dict, gguf: bool = False, s
         host = OVERHEAD + rest + layer_peak + activations + stats + solve
     else:
         host = OVERHEAD + 2 * weights + activations + stats + solve
-    device_peak = activations + stats + solve + layer_weights
+    # offloaded: the activations live in host memory (already counted), one batch's worth on the device
+    device_activations = activations // max(1, cfg.nsamples) * 2 if cfg.offload_activations else activations
+    device_peak = device_activations + stats + solve + layer_weights
     return {"parts": parts, "host_bytes": host, "device_bytes": device_peak}
 
 
@@ -83,4 +85,4 @@ def check(cfg: PruneConfig, est: dict, device: torch.device) -> None:
         free = available(device)
         if est["device_bytes"] > free:
             raise OneshotError(f"this run needs about {est['device_bytes'] / gib:.1f} GiB on {device}, "
-                               f"{free / gib:.1f} GiB is free: {advice}, or --device cpu")
+                               f"{free / gib:.1f} GiB is free: {advice}, --offload-activations, or --device cpu")

@@ -196,10 +196,21 @@ class StreamedModel:
         self.place(self.read([n for n in self.rest if n not in self.head]), device)
         if getattr(self.model.config, "tie_word_embeddings", False) or not any(n in self.key for n in self.head):
             self.model.tie_weights()
+        head, emb = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        self._tied = head is not None and head.weight is emb.weight
+
+    def unload_rest(self) -> None:
+        """Everything outside the layers back to meta once the layer inputs are captured (the
+        embeddings of a big vocabulary are hundreds of MB); the output reads them again at the end."""
+        from accelerate.utils import set_module_tensor_to_device
+
+        layer_names = {n for group in self.layer_names for n in group}
+        for name, param in list(self.model.named_parameters()):
+            if name not in layer_names and param.device.type != "meta":
+                set_module_tensor_to_device(self.model, name, "meta")
 
     def tied_head(self) -> bool:
-        head, emb = self.model.get_output_embeddings(), self.model.get_input_embeddings()
-        return head is not None and head.weight is emb.weight
+        return bool(getattr(self, "_tied", False))
 
     def output_rest(self) -> dict[str, torch.Tensor]:
         """The tensors of the last shard: everything outside the layers, the head unless tied."""
@@ -227,6 +238,9 @@ class StreamIO(LayerIO):
         t = time.perf_counter()
         self.streamed.load_rest(device)
         self.seconds += time.perf_counter() - t
+
+    def captured(self, model) -> None:
+        self.streamed.unload_rest()
 
     def load(self, i: int, layer: nn.Module, device) -> None:
         t = time.perf_counter()

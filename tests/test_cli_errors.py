@@ -223,3 +223,24 @@ def test_memory_estimate_against_measured_run(tiny_factory, calib_txt, tmp_path)
     # the process's own RSS dominates a tiny model; the estimate must be within 2x either way
     assert measured / 2 <= estimate <= measured * 2
     assert report["memory_estimate"]["activations_bytes"] == 8 * 64 * 64 * 4 * 2
+
+
+def test_offloaded_activations_leave_the_device_estimate():
+    from transformers import LlamaConfig
+
+    from oneshot.config import PruneConfig
+    from oneshot.memory import estimate
+
+    hf = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, dtype="bfloat16")
+    layer = 4096 * 4096 + 4096 * 11008
+    structure = {"num_layers": 32, "linears": {f"{i}.{n}": s for i in range(32)
+                                                for n, s in (("q", (4096, 4096)), ("down", (4096, 11008)))},
+                 "parameters": 32 * layer + 2 * 32000 * 4096}
+    base = dict(model="m", nsamples=128, seqlen=2048, device="cpu")
+    on, off = (estimate(PruneConfig(**base, offload_activations=o), hf, structure) for o in (False, True))
+    assert on["parts"]["activations"] == 128 * 2048 * 4096 * 4 * 2  # bf16 layers run in fp32 on the CPU
+    # offloaded, one window in and one out stay on the device
+    assert on["device_bytes"] - off["device_bytes"] == on["parts"]["activations"] // 128 * 126
+    streamed = estimate(PruneConfig(**base), hf, structure, streaming=True)
+    assert streamed["parts"]["weights"] == 2 * 32000 * 4096 * 2  # embeddings and head, not the layers
+    assert on["host_bytes"] - streamed["host_bytes"] > 2 * 32 * layer * 2 - 3 * layer * 2  # the model twice, less one layer
