@@ -177,6 +177,14 @@ def _summary(report: dict) -> str:
         f"{report['calibration']['seqlen']} tokens; {report['seconds']:.1f} s, "
         f"peak RSS {report['peak_memory']['host_rss_bytes'] / 2**30:.2f} GiB",
     ]
+    load = report.get("load")
+    if load:
+        lines.append(f"  weights: {'streamed one layer at a time' if load['streaming'] else 'loaded whole'} "
+                     f"({load['why']})" + (f"; resumed at layer {report['resumed_at_layer']}"
+                                          if report.get("resumed_at_layer") else ""))
+    if report.get("distributed"):
+        lines.append(f"  distributed: {report['distributed']['world_size']} ranks "
+                     f"({report['distributed']['backend']})")
     for note in report["notes"]:
         lines.append(f"  note: {note}")
     return "\n".join(lines)

@@ -16,10 +16,19 @@ def n_pruned(numel: int, sparsity: float) -> int:
     return int(round(numel * sparsity))
 
 
+CHUNK = 1 << 22  # entries per topk call when selecting along the rows of a big matrix
+
+
 def lowest_k(score: torch.Tensor, k: int, dim: int = -1) -> torch.Tensor:
     """Boolean mask of the ``k`` smallest entries of ``score`` along ``dim``."""
     mask = torch.zeros_like(score, dtype=torch.bool)
     if k <= 0:
+        return mask
+    if score.dim() == 2 and dim in (1, -1) and score.numel() > CHUNK:  # rows are independent: bound the
+        step = max(1, CHUNK // score.shape[1])  # topk values and int64 indices to a few MB at a time
+        for r in range(0, score.shape[0], step):
+            idx = torch.topk(score[r : r + step], k, dim=1, largest=False, sorted=False).indices
+            mask[r : r + step].scatter_(1, idx, True)
         return mask
     idx = torch.topk(score, k, dim=dim, largest=False, sorted=False).indices
     return mask.scatter_(dim, idx, True)

@@ -257,3 +257,27 @@ def test_distributed_refuses_what_it_cannot_do_yet():
     with pytest.raises(OneshotError, match="--resume is not supported with torchrun"):
         check(PruneConfig(model="m", out="o", resume=True), group)
     check(PruneConfig(model="m"), None)
+
+
+def test_hub_checkpoint_streams_from_the_cache(sharded, calib_txt, tmp_path):
+    """A hub id resolves to its cached snapshot (offline here: a cache laid out as huggingface_hub
+    lays it out) and streams from the downloaded shards."""
+    import shutil
+
+    home = tmp_path / "hf"
+    repo = home / "hub" / "models--tiny--sharded-llama"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(sharded, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HOME": str(home),
+           "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    out = tmp_path / "o"
+    subprocess.run([sys.executable, "-m", "oneshot", "prune", "tiny/sharded-llama", "--out", str(out), "--calib",
+                    calib_txt, "--method", "wanda", "--nsamples", "4", "--seqlen", "32", "--quiet"], check=True, env=env)
+    report = json.loads((out / "report.json").read_text())
+    assert report["source"] == "hub" and report["load"]["streaming"] is True
+    _run(sharded, str(tmp_path / "local"), calib=calib_txt, nsamples=4)  # the same checkpoint as a directory
+    a, b = load_state_dict(str(out)), load_state_dict(str(tmp_path / "local"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
