@@ -237,6 +237,7 @@ class _Run:
         self.writer = None
         self.shards: dict[int, dict] = {}
         self.layer_zeros: dict[int, int] = {}
+        self.committed_at = time.monotonic()
         self.body: dict = {}
 
     # -- journal
@@ -324,13 +325,22 @@ class _Run:
         self.layer_zeros[i] = sum(int(p.numel() - torch.count_nonzero(p)) for p in layer.parameters())
         if self.journal is None:
             return
-        tensors = layer_tensors(layer, prefix)
         if self.writer is not None:
             transposed = transposed_names(layer, prefix, self.cfg.ignore)
-            self.shards[i] = self.writer.write(i, tensors, self._sidecar(state["reports"], transposed),
-                                               state["permutations"])
-        self.journal.commit(i, state, {"shards": self.shards, "layer_zeros": self.layer_zeros},
-                            layer=None if self.writer is not None else tensors)
+            self.shards[i] = self.writer.write(i, layer_tensors(layer, prefix),
+                                               self._sidecar(state["reports"], transposed), state["permutations"])
+        # commit at most every --journal-interval seconds (and after the last layer): a resumed run
+        # redoes the layers after the last commit, so it still writes the same bytes
+        last = i == self.structure["num_layers"] - 1
+        if not last and time.monotonic() - self.committed_at < self.cfg.journal_interval:
+            return
+        layers = None
+        if self.writer is None:  # in memory: every layer finished since the last commit
+            path_, all_layers = find_decoder_layers(self.model)
+            done = self.journal.state.get("finished", 0)
+            layers = {j: layer_tensors(all_layers[j], f"{path_}.{j}") for j in range(done, i + 1)}
+        self.journal.commit(i, state, {"shards": self.shards, "layer_zeros": self.layer_zeros}, layers=layers)
+        self.committed_at = time.monotonic()
 
     def finish(self, tmp: str | None) -> dict:
         cfg, body = self.cfg, dict(self.body)

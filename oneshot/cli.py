@@ -79,6 +79,8 @@ def _prune_parser(sub) -> None:
                    help="stream: read each decoder layer from the safetensors shards only while it is pruned and "
                         "write it out at once (memory: one layer); full: load the whole model; auto (default): "
                         "stream when the checkpoint is safetensors")
+    p.add_argument("--journal-interval", type=float, default=None, metavar="SECONDS",
+                   help="journal finished layers for --resume at most this often (default 30; 0: every layer)")
     p.add_argument("--offload-activations", action="store_true", default=None,
                    help="keep calibration activations in host memory, one batch at a time on the GPU")
     p.add_argument("--resume", action="store_true", default=None,

@@ -106,6 +106,7 @@ class PruneConfig:
     # scale and resilience
     load: str = "auto"  # "stream": one layer at a time from safetensors shards; "full": the whole model; auto: stream when it can
     resume: bool = False  # continue a killed run from the journal in the output's partial directory
+    journal_interval: float = 30.0  # seconds between journal commits (0: after every layer)
     offload_activations: bool = False  # calibration activations in host memory, one batch at a time on the GPU
 
     @classmethod
@@ -195,6 +196,8 @@ class PruneConfig:
             raise OneshotError(f"--block-target must be 'layer' or 'model', got {self.block_target!r}")
         if self.load not in ("auto", "stream", "full"):
             raise OneshotError(f"--load must be auto, stream or full, got {self.load!r}")
+        if not isinstance(self.journal_interval, (int, float)) or not self.journal_interval >= 0:
+            raise OneshotError(f"--journal-interval must be >= 0 seconds, got {self.journal_interval}")
         if self.resume and self.out is None:
             raise OneshotError("--resume continues a run that writes an output: it needs --out")
         from .formats import FORMATS

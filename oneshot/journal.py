@@ -28,7 +28,8 @@ from .config import OneshotError, PruneConfig
 JOURNAL = ".oneshot-journal"
 STATE = "state.json"
 # options that change where or whether the result is written, not what it is
-_NOT_FINGERPRINTED = ("out", "overwrite", "memory_check", "resume", "load", "offload_activations")
+_NOT_FINGERPRINTED = ("out", "overwrite", "memory_check", "resume", "load", "offload_activations",
+                      "journal_interval")
 
 
 def fingerprint(cfg: PruneConfig, model_files: dict[str, int], device: str, streaming: bool) -> dict:
@@ -126,10 +127,11 @@ class Journal:
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         return _load(self.path(f"layer-{i:05d}.safetensors"))
 
-    def commit(self, i: int, state: dict, extra: dict, layer: dict[str, torch.Tensor] | None = None) -> None:
-        """Layer ``i`` is done: its tensors (in-memory runs), the activations after it, then the state."""
-        if layer is not None:
-            _save(layer, self.path(f"layer-{i:05d}.safetensors"))
+    def commit(self, i: int, state: dict, extra: dict, layers: dict[int, dict[str, torch.Tensor]] | None = None) -> None:
+        """Layers up to ``i`` are done: the tensors of those since the last commit (in-memory runs),
+        the activations after layer ``i``, then the state."""
+        for j, tensors in (layers or {}).items():
+            _save(tensors, self.path(f"layer-{j:05d}.safetensors"))
         hidden = {f"hidden.{b}": h for b, h in enumerate(state["hidden"])}
         if state.get("dense_stream") is not None:
             hidden.update({f"dense.{b}": h for b, h in enumerate(state["dense_stream"])})

@@ -135,7 +135,7 @@ def _files(directory: str) -> dict[str, bytes]:
 
 def _cli(model, out, calib, *extra):
     return [sys.executable, "-m", "oneshot", "prune", model, "--out", out, "--calib", calib, "--method", "sparsegpt",
-            "--nsamples", "16", "--seqlen", "64", "--quiet", *extra]
+            "--nsamples", "16", "--seqlen", "64", "--quiet", "--journal-interval", "0", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -281,3 +281,15 @@ def test_hub_checkpoint_streams_from_the_cache(sharded, calib_txt, tmp_path):
     _run(sharded, str(tmp_path / "local"), calib=calib_txt, nsamples=4)  # the same checkpoint as a directory
     a, b = load_state_dict(str(out)), load_state_dict(str(tmp_path / "local"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_journal_interval_bounds_the_commits(sharded, calib_txt, tmp_path, monkeypatch):
+    from oneshot.journal import Journal
+
+    calls = []
+    original = Journal.commit
+    monkeypatch.setattr(Journal, "commit", lambda self, i, *a, **k: (calls.append(i), original(self, i, *a, **k)))
+    for load, interval, expected in (("full", 1e9, [5]), ("full", 0, [0, 1, 2, 3, 4, 5]), ("stream", 1e9, [5])):
+        calls.clear()
+        _run(sharded, str(tmp_path / f"{load}-{interval}"), calib=calib_txt, load=load, journal_interval=interval)
+        assert calls == expected
