@@ -233,12 +233,15 @@ class PruneConfig:
 
     @property
     def sequential_mode(self) -> str:
-        """``auto``: one pass a layer (``linear``) for SparseGPT, which measured the same perplexity on
-        SmolLM2-135M in about two thirds of the time; ``layer`` for the rest (Wanda 2:4 measured worse
-        with ``linear``) and whenever the block update needs the dense layer's outputs."""
+        """``auto``: one pass a layer (``linear``) for unstructured SparseGPT, which measured the same
+        perplexity on SmolLM2-135M in about two thirds of the time; ``layer`` for N:M patterns (SparseGPT
+        2:4 measured 71.88 with ``linear`` against 69.83 with ``layer``, RESULTS.md run 6), for the
+        other methods (Wanda 2:4 measured worse with ``linear``) and whenever the block update needs
+        the dense layer's outputs."""
         if self.sequential != "auto":
             return self.sequential
-        return "linear" if self.method == "sparsegpt" and self.update != "block" else "layer"
+        unstructured = self.nm is None
+        return "linear" if self.method == "sparsegpt" and self.update != "block" and unstructured else "layer"
 
     @property
     def heldout_windows(self) -> int:

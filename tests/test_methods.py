@@ -247,6 +247,7 @@ def test_presets_and_overrides():
         PruneConfig.from_options("m", preset="nope")
     # --sequential auto: one pass for sparsegpt, the dense layer's statistics otherwise and for the block update
     assert PruneConfig.from_options("m").sequential_mode == "linear"
+    assert PruneConfig.from_options("m", pattern="2:4").sequential_mode == "layer"
     assert PruneConfig.from_options("m", method="wanda").sequential_mode == "layer"
     assert PruneConfig.from_options("m", preset="best").sequential_mode == "layer"
     assert PruneConfig.from_options("m", sequential="layer").sequential_mode == "layer"
