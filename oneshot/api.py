@@ -192,18 +192,14 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
             report = run.finish(tmp)
             if plot:
                 plot_report(report, os.path.join(tmp, "report.png"))
-    hf_model = run.result_model()
+    result = PruneResult(run.result_model(), tokenizer, report, report["out"])
     if group is not None:
         teardown_distributed(group)
         if not group.is_writer:
-            return PruneResult(hf_model, tokenizer, report, None)
+            return result
     if evaluator is not None:
-        t = time.perf_counter()
-        if hf_model is None:  # streamed: the pruned model is on disk only
-            from .formats.store import load as load_output
-
-            hf_model = load_output(cfg.out)
-        report["eval"] = {"config": evaluation.to_dict(), "pruned": evaluator(hf_model, tokenizer, device)}
+        t = time.perf_counter()  # a streamed run's model is loaded from the output here (PruneResult.model)
+        report["eval"] = {"config": evaluation.to_dict(), "pruned": evaluator(result.model, tokenizer, device)}
         if eval_baseline:
             from .evaluate import compare
 
@@ -216,7 +212,7 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
             path = os.path.join(cfg.out, REPORT)
             write_json(path + ".tmp", report)
             os.replace(path + ".tmp", path)
-    return PruneResult(hf_model, tokenizer, report, report["out"])
+    return result
 
 
 class _Run:
@@ -278,8 +274,8 @@ class _Run:
 
     def prune(self, tmp: str | None = None) -> None:
         cfg = self.cfg
-        self.tmp = tmp
         self._load()
+        self.layers_path, self.layers = find_decoder_layers(self.model)
         if self.journal is not None and self.resume is None:
             self.journal.start(self.fp, self.calibration.input_ids, self.calibration.info)
         if tmp is not None and self.streamed is not None:
@@ -320,8 +316,7 @@ class _Run:
 
     def _layer_done(self, i: int, layer, state: dict) -> None:
         """Layer ``i`` is pruned: count its zeros, write its shard (streaming), journal it."""
-        path = self.body.get("layers_path") or find_decoder_layers(self.model)[0]
-        prefix = f"{path}.{i}"
+        prefix = f"{self.layers_path}.{i}"
         self.layer_zeros[i] = sum(int(p.numel() - torch.count_nonzero(p)) for p in layer.parameters())
         if self.journal is None:
             return
@@ -336,9 +331,8 @@ class _Run:
             return
         layers = None
         if self.writer is None:  # in memory: every layer finished since the last commit
-            path_, all_layers = find_decoder_layers(self.model)
             done = self.journal.state.get("finished", 0)
-            layers = {j: layer_tensors(all_layers[j], f"{path_}.{j}") for j in range(done, i + 1)}
+            layers = {j: layer_tensors(self.layers[j], f"{self.layers_path}.{j}") for j in range(done, i + 1)}
         self.journal.commit(i, state, {"shards": self.shards, "layer_zeros": self.layer_zeros}, layers=layers)
         self.committed_at = time.monotonic()
 
@@ -407,8 +401,7 @@ class _Run:
 
     def _rest_parameters(self) -> dict[str, torch.Tensor]:
         """The model's parameters outside its decoder layers (tied ones once)."""
-        path, _ = find_decoder_layers(self.model)
-        return {n: p.detach() for n, p in self.model.named_parameters() if not n.startswith(f"{path}.")}
+        return {n: p.detach() for n, p in self.model.named_parameters() if not n.startswith(f"{self.layers_path}.")}
 
     def result_model(self):
         return None if self.streamed is not None else self.model

@@ -147,9 +147,6 @@ class StreamedModel:
             raise OneshotError(f"{directory}: the checkpoint holds no {missing[0]} ({len(missing)} tensors of the "
                                "model missing or named differently); use --load full")
         self.rest = [n for n in self.key if n not in in_layers]
-        self.layer_bytes = max(
-            (sum(params[n].numel() for n in group if n in params) for group in self.layer_names), default=0
-        ) * torch.tensor([], dtype=self.dtype).element_size()
 
     @staticmethod
     def _dtype(dtype: str, hf_config, files: dict[str, str]) -> torch.dtype:
@@ -302,7 +299,7 @@ class ShardWriter:
 
     def finish(self, shards: dict[int, dict]) -> dict:
         """The index, from every shard's keys; returns the storage summary of the whole output."""
-        from .formats.store import files_bytes
+        from .formats.store import files_bytes, size_summary
         from .model_io import write_json
 
         weight_map, total = {}, 0
@@ -315,10 +312,8 @@ class ShardWriter:
                 sizes[fmt] = sizes.get(fmt, 0) + b
         write_json(os.path.join(self.directory, f"{self.prefix}.safetensors.index.json"),
                    {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
-        dense = sizes.get("dense", 0)
         return {"format": self.fmt, "weight_file_bytes": files_bytes(self.directory, self.fmt),
-                "formats": {k: {"pruned_layer_bytes": b, "of_dense": round(b / dense, 4) if dense else None}
-                            for k, b in sizes.items()}}
+                "formats": size_summary(sizes)}
 
 
 def save_metadata(streamed: StreamedModel, source_dir: str, tokenizer, directory: str) -> None:

@@ -162,7 +162,12 @@ def format_sizes(state: dict[str, torch.Tensor], sidecar: dict, perms: dict) -> 
         if any(codec.accepts(p) for p in patterns):
             continue
         sizes[name] = sum(codec.nbytes(_as_matrix(state[key], layer, perm)) for key, (layer, perm) in pruned.items())
-    dense = sizes["dense"]
+    return size_summary(sizes)
+
+
+def size_summary(sizes: dict[str, int]) -> dict:
+    """Bytes per format -> ``{format: {"pruned_layer_bytes", "of_dense"}}`` (the report's ``storage.formats``)."""
+    dense = sizes.get("dense", 0)
     return {name: {"pruned_layer_bytes": b, "of_dense": round(b / dense, 4) if dense else None}
             for name, b in sizes.items()}
 
