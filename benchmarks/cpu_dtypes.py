@@ -1,6 +1,6 @@
 """Matmul throughput by dtype on this machine: why oneshot runs 16-bit layers in float32 on the CPU.
 
-    python benchmarks/cpu_dtypes.py [--m 1024 --k 4096 --n 4096 --repeat 3]
+    python benchmarks/cpu_dtypes.py [--m 256 --k 4096 --n 4096 --repeat 1]
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--m", type=int, default=1024)
+    p.add_argument("--m", type=int, default=256)
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--n", type=int, default=4096)
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=1)
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
