@@ -98,7 +98,7 @@ def sparsity_metadata(report: dict, transposed: set[str] = frozenset()) -> dict:
 
 def solver_options(cfg: PruneConfig) -> dict:
     """What the solvers and the per-linear update read from the config."""
-    names = ("blocksize", "dampening", "magnitude_scope", "sparsegpt_scope", "nm_select", "dsnot_init", "dsnot_cycles",
+    names = ("blocksize", "dampening", "magnitude_scope", "sparsegpt_scope", "nm_select", "sparsegpt_order", "dsnot_init", "dsnot_cycles",
              "dsnot_threshold", "dsnot_power", "ria_alpha", "ria_permute", "update")
     return {name: getattr(cfg, name) for name in names}
 

@@ -79,6 +79,7 @@ class PruneConfig:
     dampening: float = 0.01
     magnitude_scope: str = "layer"  # "layer" (the papers) or "row"
     sparsegpt_scope: str = "row"  # unstructured sparsegpt: equal count per row in each block, or "block" (reference)
+    sparsegpt_order: str = "natural"  # "hessian": columns by decreasing H_jj (act-order)
     nm_select: str = "exact"  # N:M sparsegpt: each group's pattern by exact cost, or "saliency" (reference)
     sequential: str = "auto"  # "layer": statistics from the dense layer; "linear": from inputs after the linears before were pruned; "auto": linear for sparsegpt without --update block, else layer
     trust_remote_code: bool = False
@@ -164,6 +165,8 @@ class PruneConfig:
             raise OneshotError(f"--magnitude-scope must be 'layer' or 'row', got {self.magnitude_scope!r}")
         if self.sparsegpt_scope not in ("row", "block"):
             raise OneshotError(f"--sparsegpt-scope must be 'row' or 'block', got {self.sparsegpt_scope!r}")
+        if self.sparsegpt_order not in ("natural", "hessian"):
+            raise OneshotError(f"--sparsegpt-order must be 'natural' or 'hessian', got {self.sparsegpt_order!r}")
         if self.nm_select not in ("exact", "saliency"):
             raise OneshotError(f"--nm-select must be 'exact' or 'saliency', got {self.nm_select!r}")
         if self.sequential not in ("auto", "linear", "layer"):

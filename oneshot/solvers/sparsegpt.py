@@ -57,54 +57,81 @@ def inverse_hessian_factor(hessian: torch.Tensor, dampening: float) -> tuple[tor
     raise torch.linalg.LinAlgError(f"Cholesky failed at every dampening and in fp64 ({', '.join(tries)})")
 
 
-def _prepare(stats: Stats, dampening: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(upper factor of H⁻¹, dead-input mask, notes), computed once per input and cached in ``stats``
-    so that linears sharing an input (q/k/v, gate/up) share one factorisation."""
-    key = ("sparsegpt-factor", dampening)
+def column_order(diag: torch.Tensor, group: int) -> torch.Tensor:
+    """Input columns by decreasing H_jj (GPTQ's act-order), groups of ``group`` columns kept together
+    and ranked by their sum (so N:M groups stay whole)."""
+    score = diag.reshape(-1, group).sum(1) if group > 1 else diag
+    ranks = torch.argsort(score, descending=True, stable=True)
+    if group == 1:
+        return ranks
+    return (ranks.unsqueeze(1) * group + torch.arange(group, device=diag.device)).reshape(-1)
+
+
+def _prepare(stats: Stats, dampening: float, order: str = "natural", group: int = 1):
+    """(upper factor of H⁻¹, dead-input mask, notes, column permutation or None), computed once per
+    input and cached in ``stats`` so that linears sharing an input (q/k/v, gate/up) share one
+    factorisation. With ``order="hessian"`` the factor is of H with its columns permuted."""
+    key = ("sparsegpt-factor", dampening, order, group)
     if key not in stats.cache:
         hessian = stats.hessian / max(stats.tokens, 1)
         dead = hessian.diagonal() == 0
         if dead.any():  # inputs that never fire: their weights do nothing, prune them first (as the paper)
             hessian = hessian.clone()
             hessian.diagonal()[dead] = 1.0
+        perm = None
+        if order == "hessian":
+            perm = column_order(hessian.diagonal(), group)
+            hessian, dead = hessian[perm][:, perm], dead[perm]
         factor, info = inverse_hessian_factor(hessian, dampening)
         info["dead_inputs"] = int(dead.sum())
-        stats.cache[key] = (factor, dead, info)
+        stats.cache[key] = (factor, dead, info, perm)
     return stats.cache[key]
 
 
 MAX_PATTERNS = 70  # C(8, 4): exact N:M selection up to 4:8; larger groups fall back to saliency ranks
 
 
-def nm_patterns(m: int, pruned: int, device) -> torch.Tensor | None:
-    """Every way to prune ``pruned`` of ``m`` columns, as a ``[patterns, m]`` float 0/1 tensor (None
-    when there are more than :data:`MAX_PATTERNS`)."""
-    if math.comb(m, pruned) > MAX_PATTERNS:
-        return None
-    rows = [[float(j in c) for j in range(m)] for c in itertools.combinations(range(m), pruned)]
-    return torch.tensor(rows, device=device)
+class NMPatterns:
+    """Every way to prune ``pruned`` of ``m`` columns: ``mask`` ``[P, m]`` (True = pruned) and
+    ``index`` ``[P, pruned]``, the pruned columns of each pattern in order."""
+
+    def __init__(self, m: int, pruned: int, device):
+        combos = list(itertools.combinations(range(m), pruned))
+        self.index = torch.tensor(combos, device=device)
+        self.mask = torch.zeros(len(combos), m, dtype=torch.bool, device=device)
+        self.mask.scatter_(1, self.index, True)
+        self.rows, self.cols = self.index.unsqueeze(2), self.index.unsqueeze(1)  # [P, k, 1], [P, 1, k]
+
+    @classmethod
+    def of(cls, m: int, pruned: int, device) -> "NMPatterns | None":
+        """None when there are more than :data:`MAX_PATTERNS`."""
+        return cls(m, pruned, device) if math.comb(m, pruned) <= MAX_PATTERNS else None
 
 
-def group_mask(w: torch.Tensor, u: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:
-    """The N:M pattern of one group of ``m`` columns (``w``: ``[m, rows]``, the columns as the solver
-    holds them when it reaches the group; ``u``: the group's ``[m, m]`` block of the upper Cholesky
-    factor of H⁻¹) that adds the least to the layer's output error, for every row.
+def group_mask(w: torch.Tensor, u: torch.Tensor, patterns: NMPatterns) -> torch.Tensor:
+    """The N:M pattern of one group of ``m`` columns that adds the least to the layer's output error,
+    for every row. ``w``: ``[m, rows]``, the group's columns as the solver holds them when it
+    reaches the group; ``u``: the group's ``[m, m]`` block of the upper Cholesky factor of H⁻¹.
 
-    The solver prunes a column j with error e_j = w_j / u_jj, adds e_j² to the output error, and
-    moves ``w`` of the later columns by -e_j·u_j,·. Running that for every pattern gives each one's
-    exact cost, so a pruned column's effect on its group's later columns counts. The reference code
-    ranks w_j²/u_jj² independently, as if the other pruned column of the group did not move.
+    The solver prunes column t with error e_t = w_t / u_tt, which adds e_t² to the output error and
+    moves the later columns by -e_t·u_t,·; kept columns stay as they are. For a pattern S that is
+    w_S = U_SSᵀ e_S, so its exact cost is ‖U_SS⁻ᵀ w_S‖², one small triangular solve per pattern.
+    The reference code ranks w_t²/u_tt² independently, as if the group's other pruned columns did
+    not move it.
     """
-    m = w.shape[0]
-    cur = w.unsqueeze(0) * torch.ones(patterns.shape[0], 1, 1, dtype=w.dtype, device=w.device)  # [P, m, rows]
-    cost = torch.zeros(patterns.shape[0], w.shape[1], dtype=w.dtype, device=w.device)
-    for t in range(m):
-        e = cur[:, t] * (patterns[:, t:t + 1].to(w.dtype) / u[t, t])  # [P, rows]
-        cost.addcmul_(e, e)
-        if t + 1 < m:
-            cur[:, t + 1:] -= e.unsqueeze(1) * u[t, t + 1:].view(1, -1, 1)
+    lower = u[patterns.cols, patterns.rows].unsqueeze(-1)  # [P, k, k, 1]: U_SSᵀ
+    ws = w[patterns.index]  # [P, k, rows]
+    # forward substitution by hand: batched solve_triangular is slow on small CPU problems with threads
+    e = [ws[:, 0] / lower[:, 0, 0]]
+    cost = e[0].square()
+    for t in range(1, ws.shape[1]):
+        r = ws[:, t].clone()
+        for s in range(t):
+            r.sub_(lower[:, t, s] * e[s])
+        e.append(r.div_(lower[:, t, t]))
+        cost.addcmul_(e[t], e[t])
     best = cost.argmin(0)  # [rows]
-    return patterns[best].t().bool()
+    return patterns.mask[best].t()
 
 
 @register("sparsegpt", needs_hessian=True, summary="OBS reconstruction, 128-column lazy blocks (Frantar & Alistarh 2023)")
@@ -118,13 +145,15 @@ def sparsegpt(weight: torch.Tensor, stats: Stats, constraint: Constraint, option
         blocksize = max(constraint.m, blocksize // constraint.m * constraint.m)
         sub = max(constraint.m, sub // constraint.m * constraint.m)
 
-    hinv, dead, info = _prepare(stats, dampening)
+    order = options.get("sparsegpt_order", "natural")
+    hinv, dead, info, perm = _prepare(stats, dampening, order, constraint.m if constraint.is_nm else 1)
     info = dict(info)
     patterns = None
     if constraint.is_nm and options.get("nm_select", "exact") == "exact":
-        patterns = nm_patterns(constraint.m, constraint.m - constraint.n, weight.device)
+        patterns = NMPatterns.of(constraint.m, constraint.m - constraint.n, weight.device)
     # work on Wᵀ [cols, rows] so that a column of W is a contiguous row here
-    Wt = weight.t().to(hinv.dtype).contiguous()
+    Wt = weight.t().to(hinv.dtype)
+    Wt = (Wt[perm] if perm is not None else Wt).contiguous()
     Wt[dead] = 0.0
     mask_t = torch.zeros(cols, rows, dtype=torch.bool, device=weight.device)
     for i1 in range(0, cols, blocksize):
@@ -166,5 +195,9 @@ def sparsegpt(weight: torch.Tensor, stats: Stats, constraint: Constraint, option
         if i2 < cols:
             Wt[i2:].addmm_(hinv[i1:i2, i2:].t(), Err1, alpha=-1.0)
 
+    if perm is not None:  # back to the checkpoint's column order
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        Wt, mask_t = Wt[inverse], mask_t[inverse]
     mask = mask_t.t()
     return SolverResult(apply_mask(Wt.t().to(torch.float32), mask), mask, info)
