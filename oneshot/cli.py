@@ -41,9 +41,10 @@ def _prune_parser(sub) -> None:
     p.add_argument("--sparsegpt-scope", default="row", choices=("row", "block"),
                    help="unstructured sparsegpt: prune the same count in every row of each column block (row, "
                         "default) or one threshold over the whole block (block, as the reference code)")
-    p.add_argument("--sparsegpt-order", default="natural", choices=("natural", "hessian"),
-                   help="sparsegpt: columns left to right (natural, default, the reference) or by decreasing "
-                        "H_jj (hessian, GPTQ's act-order; N:M groups move whole)")
+    p.add_argument("--sparsegpt-order", default="auto", choices=("auto", "natural", "hessian"),
+                   help="sparsegpt: columns left to right (natural, the reference) or by decreasing H_jj "
+                        "(hessian, GPTQ's act-order; N:M groups move whole); auto (default): hessian for N:M, "
+                        "natural for unstructured")
     p.add_argument("--nm-select", default="exact", choices=("exact", "saliency"),
                    help="N:M sparsegpt: each group's pattern by its exact cost under the solver's updates (exact, "
                         "default) or by independent saliency ranks (saliency, as the reference code)")

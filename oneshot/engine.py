@@ -184,7 +184,7 @@ class _LayerPruner:
     def __init__(self, linears: dict[str, nn.Module], spec, constraint: Constraint, options: dict,
                  nbatches: int, device, error_tokens: int, *, needs_hessian: bool | None = None,
                  heldout_from: int | None = None, storage_dtype: torch.dtype | None = None,
-                 keep_dense: bool = False, group=None):
+                 keep_dense: bool = False, group=None, error_from_hessian: bool = False):
         self.linears, self.spec, self.constraint, self.options = linears, spec, constraint, options
         self.nbatches, self.device, self.error_tokens = nbatches, device, error_tokens
         self.needs_hessian = spec.needs_hessian if needs_hessian is None else needs_hessian
@@ -193,6 +193,9 @@ class _LayerPruner:
         self.keep_dense = keep_dense  # keep each dense weight (fp32) for refresh() after the block update
         self.group = group  # torch.distributed: statistics summed, linears solved round robin (oneshot.distributed)
         self.window_offset = 0
+        # the solve's Hessian holds exactly the inputs the pruned linear will see (--sequential linear, no
+        # held-out windows): its output error over every token is tr(ΔHΔᵀ), no forward hook needed
+        self.error_from_hessian = error_from_hessian and self.needs_hessian and heldout_from is None
         self.masks: dict[str, torch.Tensor] = {}
         self.dense: dict[str, torch.Tensor] = {}
         self.permutations: dict[str, torch.Tensor] = {}
@@ -343,7 +346,12 @@ class _LayerPruner:
         delta = dense.clone() if self.keep_dense else dense
         delta.sub_(written.to(dense.device))
         del written
-        self.deltas[name] = delta.to(self.storage_dtype or module.weight.dtype)
+        hessian = stats.hessian if stats is not None and self.error_from_hessian else None
+        if hessian is not None and delta.shape[1] < min(self.error_tokens, stats.tokens):  # cheaper: in² < tokens·in
+            self.err[name] = [self._trace(delta, hessian), self._trace(get_weight(module) + delta, hessian),
+                              stats.tokens]
+        else:
+            self.deltas[name] = delta.to(self.storage_dtype or module.weight.dtype)
         shape = list(dense.shape)
         del dense, delta
         elapsed = time.perf_counter() - t
@@ -360,6 +368,12 @@ class _LayerPruner:
         }
         entry.update(info)
         self.entries[name] = entry
+
+    @staticmethod
+    def _trace(w: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+        """Σ‖x wᵀ‖² over the tokens summed in ``hessian`` = tr(w H wᵀ)."""
+        w = w.to(torch.float32)
+        return ((w @ hessian) * w).sum(dtype=torch.float64)
 
     def refresh(self) -> None:
         """After the block update changed the weights: clean zeros, new deltas and sparsities."""
@@ -420,7 +434,7 @@ class _LayerPruner:
     def _error_hook(self, name):
         def hook(module, args, output):
             acc = self.err[name]
-            if self.paused or name not in self.deltas or acc[2] >= self.error_tokens:
+            if self.paused or name not in self.deltas or acc[2] >= self.error_tokens:  # not solved, or measured
                 return
             t = time.perf_counter()
             x = args[0].reshape(-1, args[0].shape[-1])[: self.error_tokens - acc[2]].to(torch.float32)
@@ -694,7 +708,7 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
                               max(0, ERROR_TOKENS - first_window * seqlen),  # the same first tokens on any rank count
                               needs_hessian=needs_hessian, heldout_from=heldout_from,
                               storage_dtype=storage if compute is not None else None, keep_dense=block is not None,
-                              group=group)
+                              group=group, error_from_hessian=sequential == "linear")
         outputs: list[torch.Tensor | None] = [None] * len(batches)
         targets: list[torch.Tensor] = []
         layer_passes = 0

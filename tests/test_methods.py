@@ -247,7 +247,7 @@ def test_presets_and_overrides():
         PruneConfig.from_options("m", preset="nope")
     # --sequential auto: one pass for sparsegpt, the dense layer's statistics otherwise and for the block update
     assert PruneConfig.from_options("m").sequential_mode == "linear"
-    assert PruneConfig.from_options("m", pattern="2:4").sequential_mode == "layer"
+    assert PruneConfig.from_options("m", pattern="2:4").sequential_mode == "linear"
     assert PruneConfig.from_options("m", method="wanda").sequential_mode == "layer"
     assert PruneConfig.from_options("m", preset="best").sequential_mode == "layer"
     assert PruneConfig.from_options("m", sequential="layer").sequential_mode == "layer"
@@ -264,3 +264,42 @@ def test_bad_method_options_fail_fast(extra, message, capsys, tmp_path):
     rc = main(["prune", "some/model", "--out", str(tmp_path / "o"), "--nsamples", "8", *extra])
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sequential", ["linear", "layer"])
+def test_reported_error_is_its_definition(sequential, tiny_factory, calib_txt, monkeypatch):
+    """Each linear's relative_error is ‖x(W−Ŵ)ᵀ‖²/‖xWᵀ‖² over the calibration inputs that reach it in
+    the pruned model: from the solve's Hessian (linear) or the forward hook (layer), both recomputed
+    here from a plain forward of the pruned model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import oneshot.engine
+    from oneshot import prune
+    from oneshot.calibration import load_calibration
+    from oneshot.model_io import find_linears, get_weight
+
+    monkeypatch.setattr(oneshot.engine, "ERROR_TOKENS", 10**6)  # the hook measures every token too
+    src = tiny_factory("llama")
+    result = prune(src, method="sparsegpt", sparsity=0.5, calib=calib_txt, nsamples=4, seqlen=32,
+                   sequential=sequential, progress=False)
+    dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    ids = load_calibration(calib_txt, AutoTokenizer.from_pretrained(src), 4, 32, 0).input_ids
+    inputs = {}
+
+    def keep(name):
+        def hook(module, args):
+            inputs[name] = args[0].reshape(-1, args[0].shape[-1])
+        return hook
+
+    for name, module in find_linears(result.model).items():
+        module.register_forward_pre_hook(keep(name))
+    with torch.no_grad():
+        result.model(ids)
+    dense_weights = {n: get_weight(m) for n, m in find_linears(dense).items()}
+    for entry in result.report["linears"]:
+        name = entry["name"]
+        x, w = inputs[name], dense_weights[name]
+        delta = w - get_weight(find_linears(result.model)[name])
+        want = float((x @ delta.t()).square().sum() / (x @ w.t()).square().sum())
+        assert entry["error_tokens"] == 4 * 32
+        assert entry["relative_error"] == pytest.approx(want, rel=1e-3), name

@@ -6,7 +6,7 @@ import torch
 from oneshot.config import Constraint
 from oneshot.masks import apply_mask, check_constraint, lowest_k, n_pruned, nm_mask, positive_zeros, select_mask
 from oneshot.solvers import SOLVERS, Stats
-from oneshot.solvers.sparsegpt import inverse_hessian_factor
+from oneshot.solvers.sparsegpt import NMPatterns, group_mask, inverse_hessian_factor
 
 
 def _layer(out_features=64, in_features=128, tokens=2048, seed=0):
@@ -116,6 +116,59 @@ def test_cholesky_failure_retries_then_reports():
     factor, info = inverse_hessian_factor(indefinite, 0.01)
     assert info["dampening"] == pytest.approx(0.1) and "fallback" in info
     assert torch.isfinite(factor).all()
+
+
+def test_inverse_hessian_factor_is_the_cholesky_factor_of_the_inverse():
+    _, _, stats = _layer(in_features=96)
+    h = stats.hessian / stats.tokens
+    factor, info = inverse_hessian_factor(h, 0.01)
+    damped = h.double() + 0.01 * h.diagonal().mean().double() * torch.eye(96, dtype=torch.float64)
+    expected = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    assert torch.equal(factor, factor.triu()) and info["dampening"] == 0.01
+    assert torch.allclose(factor.double(), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("m,pruned", [(4, 2), (8, 4), (4, 1)])
+def test_group_mask_picks_the_cheapest_pattern_of_the_solver_steps(m, pruned):
+    """Brute force: run the solver's column steps for every pattern of every row (prune column t with
+    error e_t = w_t/u_tt, cost e_t², move the later columns by -e_t·u_t,·) and keep the cheapest."""
+    from itertools import combinations
+
+    g = torch.Generator().manual_seed(m + pruned)
+    rows = 9
+    w = torch.randn(m, rows, generator=g)
+    u = torch.randn(m, m, generator=g).triu()
+    u.diagonal().copy_(torch.rand(m, generator=g) + 0.5)
+    mask, err = group_mask(w, u, NMPatterns(m, pruned, "cpu"))
+    assert mask.shape == err.shape == (m, rows) and (mask.sum(0) == pruned).all()
+    for r in range(rows):
+        best = None
+        for chosen in combinations(range(m), pruned):
+            cur, e = w[:, r].double().clone(), torch.zeros(m, dtype=torch.float64)
+            for t in chosen:
+                e[t] = cur[t] / u[t, t]
+                cur[t + 1:] -= e[t] * u[t, t + 1:].double()
+            cost = float((e * e).sum())
+            if best is None or cost < best[0]:
+                best = (cost, chosen, e)
+        assert mask[:, r].nonzero().flatten().tolist() == list(best[1]), r
+        assert torch.allclose(err[:, r].double(), best[2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("constraint", [Constraint(0.5, 2, 4), Constraint(0.5, 4, 8)])
+def test_sparsegpt_nm_options_keep_groups_exact(constraint):
+    """Act-order moves whole N:M groups, exact selection and saliency ranks both keep every group
+    exact along the original input dimension; on uneven input scales act-order lowers the error."""
+    w, x, stats = _layer(in_features=256, seed=8)
+    errors = {}
+    for order in ("natural", "hessian"):
+        for select in ("exact", "saliency"):
+            stats.cache = {}
+            result = SOLVERS["sparsegpt"].fn(w, stats, constraint, dict(OPTIONS, sparsegpt_order=order, nm_select=select))
+            assert check_constraint(result.weight, constraint) is None
+            assert torch.equal(result.weight == 0, result.mask)
+            errors[order, select] = _error(w, result.weight, x)
+    assert errors["hessian", "exact"] < errors["natural", "exact"], errors
 
 
 def test_sparsegpt_never_silently_identity():
