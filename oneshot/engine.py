@@ -22,7 +22,7 @@ from torch import nn
 from .config import Constraint, OneshotError
 from .masks import positive_zeros
 from .model_io import find_decoder_layers, find_linears, get_weight, is_linear, linear_shape, set_weight
-from .solvers import SOLVERS, Stats
+from .solvers import SOLVERS, SolverResult, Stats
 from .solvers.update import update_weight
 
 ERROR_TOKENS = 2048  # each linear's output error is measured on this many calibration tokens
@@ -184,7 +184,8 @@ class _LayerPruner:
     def __init__(self, linears: dict[str, nn.Module], spec, constraint: Constraint, options: dict,
                  nbatches: int, device, error_tokens: int, *, needs_hessian: bool | None = None,
                  heldout_from: int | None = None, storage_dtype: torch.dtype | None = None,
-                 keep_dense: bool = False, group=None, error_from_hessian: bool = False):
+                 keep_dense: bool = False, group=None, error_from_hessian: bool = False,
+                 followers: dict[str, list[str]] | None = None, prefix: str = ""):
         self.linears, self.spec, self.constraint, self.options = linears, spec, constraint, options
         self.nbatches, self.device, self.error_tokens = nbatches, device, error_tokens
         self.needs_hessian = spec.needs_hessian if needs_hessian is None else needs_hessian
@@ -193,6 +194,15 @@ class _LayerPruner:
         self.keep_dense = keep_dense  # keep each dense weight (fp32) for refresh() after the block update
         self.group = group  # torch.distributed: statistics summed, linears solved round robin (oneshot.distributed)
         self.window_offset = 0
+        # linears that read one input are solved as one matrix (their rows stacked) when the solver
+        # treats rows independently: one pass of its column loop instead of one per linear. Which
+        # linears share an input is known once they ran; `followers` (leader -> followers, names
+        # relative to the layer, from the layer before) lets a leader solve them before they run, and
+        # each follower checks on arrival that it really reads its leader's input.
+        rows_apart = spec.rows_apart is not None and spec.rows_apart(constraint, options)
+        self.followers = (followers or {}) if rows_apart and group is None else None
+        self.prefix = prefix
+        self.pending: dict[str, tuple[str, SolverResult]] = {}
         # the solve's Hessian holds exactly the inputs the pruned linear will see (--sequential linear, no
         # held-out windows): its output error over every token is tr(ΔHΔᵀ), no forward hook needed
         self.error_from_hessian = error_from_hessian and self.needs_hessian and heldout_from is None
@@ -315,7 +325,7 @@ class _LayerPruner:
         leader = self.leader.get(name, name)
         stats = self.stats.get(leader)
         try:
-            result = self.spec.fn(dense, stats, self.constraint, self.options)
+            result = self._result(name, leader, dense, stats)
             weight, info = result.weight, dict(result.info)
             update = self.options.get("update", "none")
             if update in ("lstsq", "admm"):
@@ -368,6 +378,45 @@ class _LayerPruner:
         }
         entry.update(info)
         self.entries[name] = entry
+
+    def _relative(self, name: str) -> str:
+        return name[len(self.prefix) + 1:] if self.prefix and name.startswith(self.prefix + ".") else name
+
+    def _result(self, name: str, leader: str, dense: torch.Tensor, stats: Stats | None) -> SolverResult:
+        """The solver's result for ``name``: solved with its followers as one matrix when it leads
+        some that have not run yet, or taken from its leader's joint solve."""
+        pending = self.pending.pop(name, None)
+        if pending is not None and pending[0] == leader:
+            return pending[1]
+        if self.followers is None or leader != name:
+            return self.spec.fn(dense, stats, self.constraint, self.options)
+        known = {n for n, lead in self.leader.items() if lead == name and n != name}
+        hinted = {f"{self.prefix}.{r}" if self.prefix else r for r in self.followers.get(self._relative(name), [])}
+        joint = [n for n in self.linears if n in known | hinted and n not in self.entries
+                 and self.leader.get(n, name) == name and get_weight(self.linears[n]).shape[1] == dense.shape[1]]
+        if not joint:
+            return self.spec.fn(dense, stats, self.constraint, self.options)
+        weights = [dense] + [get_weight(self.linears[n]).to(dense.device, dense.dtype) for n in joint]
+        result = self.spec.fn(torch.cat(weights), stats, self.constraint, self.options)
+        start = 0
+        parts = []
+        for k, w in enumerate(weights):
+            rows = slice(start, start + w.shape[0])
+            info = dict(result.info, solved_with=name) if k else dict(result.info)
+            parts.append(SolverResult(result.weight[rows], result.mask[rows], info))
+            start += w.shape[0]
+        del result, weights
+        for n, part in zip(joint, parts[1:]):
+            self.pending[n] = (name, part)
+        return parts[0]
+
+    def followers_map(self) -> dict[str, list[str]]:
+        """leader -> followers among this layer's linears, relative to the layer (the next layer's hint)."""
+        out: dict[str, list[str]] = {}
+        for n, lead in self.leader.items():
+            if lead != n:
+                out.setdefault(self._relative(lead), []).append(self._relative(n))
+        return out
 
     @staticmethod
     def _trace(w: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -680,6 +729,7 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
 
     reports, notes, passes, blocks = [], [], [], []
     permutations: dict[str, torch.Tensor] = {}
+    followers: dict[str, list[str]] = {}  # which linears read one input, from the layer before (joint solves)
     start = 0
     if resume is not None:
         start = int(resume["finished"])
@@ -688,6 +738,7 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
             dense_stream = list(resume["dense_stream"])
         reports, notes, passes, blocks = (list(resume[k]) for k in ("reports", "notes", "passes", "blocks"))
         permutations = dict(resume["permutations"])
+        followers = resume.get("followers") or {}
     bar = tqdm(total=len(layers), initial=start, desc=f"{method} {constraint.describe()}", unit="layer",
                disable=not progress)
     for i, layer in enumerate(layers):
@@ -708,7 +759,8 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
                               max(0, ERROR_TOKENS - first_window * seqlen),  # the same first tokens on any rank count
                               needs_hessian=needs_hessian, heldout_from=heldout_from,
                               storage_dtype=storage if compute is not None else None, keep_dense=block is not None,
-                              group=group, error_from_hessian=sequential == "linear")
+                              group=group, error_from_hessian=sequential == "linear", followers=followers,
+                              prefix=prefix)
         outputs: list[torch.Tensor | None] = [None] * len(batches)
         targets: list[torch.Tensor] = []
         layer_passes = 0
@@ -772,6 +824,7 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
         captured.hidden = outputs
         layer_linears = pruner.report()
         permutations.update(pruner.permutations)
+        followers = pruner.followers_map()
         for entry in layer_linears:
             if "fallback" in entry:
                 notes.append(f"{entry['name']}: {entry['fallback']}")
@@ -786,7 +839,7 @@ def prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Constr
         tw = time.perf_counter()
         if on_layer is not None:
             on_layer(i, layer, run_state(i + 1, captured.hidden, dense_stream, reports, notes, passes, blocks,
-                                         permutations, allocation))
+                                         permutations, allocation, followers))
         io.release(i, layer, device)
         if io.streaming:  # a full collection costs ~0.2 s with a whole model in memory: only when streaming
             free_memory()
@@ -834,8 +887,9 @@ def free_memory() -> None:
         pass
 
 
-def run_state(finished: int, hidden, dense_stream, reports, notes, passes, blocks, permutations, allocation) -> dict:
+def run_state(finished: int, hidden, dense_stream, reports, notes, passes, blocks, permutations, allocation,
+              followers=None) -> dict:
     """What a resumed run needs: layers done, the activations entering the next one, the report so far."""
     return {"finished": finished, "hidden": hidden, "dense_stream": dense_stream, "reports": reports,
             "notes": notes, "passes": passes, "blocks": blocks, "permutations": permutations,
-            "allocation": allocation}
+            "allocation": allocation, "followers": followers or {}}

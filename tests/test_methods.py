@@ -303,3 +303,62 @@ def test_reported_error_is_its_definition(sequential, tiny_factory, calib_txt, m
         want = float((x @ delta.t()).square().sum() / (x @ w.t()).square().sum())
         assert entry["error_tokens"] == 4 * 32
         assert entry["relative_error"] == pytest.approx(want, rel=1e-3), name
+
+
+def test_joint_solve_of_linears_sharing_an_input_equals_separate(tiny_factory, calib_txt, monkeypatch):
+    """q/k/v and gate/up are solved as one stacked matrix (sparsegpt's rows are independent): the
+    same masks and, to rounding, the same weights as solving each linear alone."""
+    import dataclasses
+
+    from oneshot import prune
+    from oneshot.model_io import find_linears, get_weight
+
+    src = tiny_factory("llama")
+    runs = {}
+    for joint in (True, False):
+        if not joint:
+            monkeypatch.setitem(SOLVERS, "sparsegpt", dataclasses.replace(SOLVERS["sparsegpt"], rows_apart=None))
+        result = prune(src, method="sparsegpt", pattern="2:4", calib=calib_txt, nsamples=4, seqlen=32, progress=False)
+        runs[joint] = ({n: get_weight(m) for n, m in find_linears(result.model).items()},
+                       {e["name"]: e.get("solved_with") for e in result.report["linears"]})
+    solved_with = runs[True][1]
+    assert solved_with["model.layers.1.self_attn.k_proj"] == "model.layers.1.self_attn.q_proj"
+    assert solved_with["model.layers.1.mlp.up_proj"] == "model.layers.1.mlp.gate_proj"
+    assert not any(runs[False][1].values())
+    for name, weight in runs[True][0].items():
+        other = runs[False][0][name]
+        assert torch.equal(weight == 0, other == 0), name
+        assert torch.allclose(weight, other, rtol=1e-4, atol=1e-5), name
+
+
+def test_joint_solve_hint_is_checked_before_use():
+    """A follower the hint names that turns out to read another input is solved from its own
+    statistics, never with the leader's."""
+    from torch import nn
+
+    from oneshot.engine import _LayerPruner
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 8, bias=False), nn.Linear(16, 8, bias=False)
+
+        def forward(self, x):
+            return self.a(x) + self.b(x * x + 1)
+
+    torch.manual_seed(0)
+    layer = Toy()
+    dense_b = layer.b.weight.detach().clone()
+    x = torch.randn(4, 32, 16)
+    pruner = _LayerPruner({"L.a": layer.a, "L.b": layer.b}, SOLVERS["sparsegpt"], Constraint(0.5, 2, 4),
+                          {"blocksize": 128, "dampening": 0.01}, 1, torch.device("cpu"), 64,
+                          followers={"a": ["b"]}, prefix="L")
+    with torch.no_grad():
+        layer(x)
+    pruner.remove()
+    assert pruner.leader == {"L.a": "L.a", "L.b": "L.b"} and "solved_with" not in pruner.entries["L.b"]
+    xb = (x * x + 1).reshape(-1, 16)
+    h = xb.t() @ xb
+    alone = SOLVERS["sparsegpt"].fn(dense_b, Stats(tokens=xb.shape[0], sq_norms=h.diagonal().clone(), hessian=h),
+                                    Constraint(0.5, 2, 4), {"blocksize": 128, "dampening": 0.01})
+    assert torch.allclose(layer.b.weight, alone.weight, rtol=1e-4, atol=1e-5)

@@ -48,12 +48,15 @@ class SolverSpec:
     needs_hessian: bool
     needs_stats: bool = True
     summary: str = field(default="")
+    # (constraint, options) -> whether each output row is solved on its own, so that linears sharing
+    # an input can be solved as one matrix of their stacked rows
+    rows_apart: Callable[[Constraint, dict], bool] | None = None
 
 
 SOLVERS: dict[str, SolverSpec] = {}
 
 
-def register(name: str, *, needs_hessian: bool, summary: str, needs_stats: bool = True):
+def register(name: str, *, needs_hessian: bool, summary: str, needs_stats: bool = True, rows_apart=None):
     """Decorator: make a solver function available as ``--method name``.
 
     ``needs_stats=False`` (magnitude) skips the calibration pass that gathers input statistics;
@@ -61,7 +64,7 @@ def register(name: str, *, needs_hessian: bool, summary: str, needs_stats: bool 
     """
 
     def wrap(fn):
-        SOLVERS[name] = SolverSpec(name, fn, needs_hessian, needs_stats, summary)
+        SOLVERS[name] = SolverSpec(name, fn, needs_hessian, needs_stats, summary, rows_apart)
         return fn
 
     return wrap

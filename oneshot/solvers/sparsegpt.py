@@ -140,7 +140,8 @@ def group_mask(w: torch.Tensor, u: torch.Tensor, patterns: NMPatterns) -> tuple[
     return patterns.mask.index_select(0, best).t(), err
 
 
-@register("sparsegpt", needs_hessian=True, summary="OBS reconstruction, 128-column lazy blocks (Frantar & Alistarh 2023)")
+@register("sparsegpt", needs_hessian=True, summary="OBS reconstruction, 128-column lazy blocks (Frantar & Alistarh 2023)",
+          rows_apart=lambda constraint, options: constraint.is_nm or options.get("sparsegpt_scope", "row") == "row")
 def sparsegpt(weight: torch.Tensor, stats: Stats, constraint: Constraint, options: dict) -> SolverResult:
     blocksize = int(options.get("blocksize", 128))
     dampening = float(options.get("dampening", 0.01))
