@@ -25,7 +25,7 @@ from .model_io import find_decoder_layers, find_linears, get_weight, is_linear, 
 from .solvers import SOLVERS, SolverResult, Stats
 from .solvers.update import update_weight
 
-ERROR_TOKENS = 2048  # each linear's output error is measured on this many calibration tokens
+ERROR_TOKENS = 2048  # the forward hook measures each linear's output error on this many calibration tokens
 
 
 class _StopForward(Exception):
