@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -22,6 +21,7 @@ from torch import nn
 
 from .config import Constraint, OneshotError
 from .masks import positive_zeros
+from .memory import free_memory, reuse_host_heap
 from .model_io import find_decoder_layers, find_linears, get_weight, is_linear, linear_shape, set_weight
 from .solvers import SOLVERS, SolverResult, Stats
 from .solvers.update import update_weight
@@ -879,50 +879,6 @@ def _prune_layers(model, input_ids: torch.Tensor, method: str, constraint: Const
     if start:
         body["resumed_at_layer"] = start
     return body
-
-
-@contextlib.contextmanager
-def reuse_host_heap(enabled: bool = True):
-    """glibc serves allocations above a threshold (adaptive, at most 32 MB) with fresh pages from mmap
-    and unmaps them when freed, so every activation-sized temporary of every forward page-faults
-    anew. Inside this block, blocks up to 512 MB come from the heap and freed memory stays there for
-    reuse; afterwards the thresholds return to glibc's initial 128 KB (no longer adaptive) and the
-    heap is trimmed. SparseGPT on SmolLM2-135M, 2-core CPU: 14-21% less layer work for about 0.25 GiB
-    more peak RSS (``python benchmarks/host_heap.py``, RESULTS.md). Not glibc: nothing changes."""
-    libc = _glibc() if enabled else None
-    if libc is None:
-        yield
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 512 << 20)
-    libc.mallopt(m_trim_threshold, 1 << 30)
-    try:
-        yield
-    finally:
-        libc.mallopt(m_mmap_threshold, 128 << 10)
-        libc.mallopt(m_trim_threshold, 128 << 10)
-        libc.malloc_trim(0)
-
-
-def _glibc():
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc
-        return None
-
-
-def free_memory() -> None:
-    """After each layer: collect reference cycles (hooks and modules hold some, and with them a layer's
-    tensors) and hand freed heap back to the OS, so host memory stays flat over hundreds of layers."""
-    import gc
-
-    gc.collect()
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def run_state(finished: int, hidden, dense_stream, reports, notes, passes, blocks, permutations, allocation,

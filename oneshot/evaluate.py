@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import PPL_PRESETS, EvalConfig, OneshotError
+from .memory import reuse_host_heap
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
@@ -34,12 +35,13 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, max_windows: int | None
         raise ValueError(f"text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
     ids = tokens[: windows * seqlen].reshape(windows, seqlen)
     total_nll, count = 0.0, 0
-    for batch in tqdm(ids.split(batch_size), desc="perplexity", disable=not progress):
-        batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        total_nll += float(nll)
-        count += batch[:, 1:].numel()
+    with reuse_host_heap(torch.device(device).type == "cpu"):
+        for batch in tqdm(ids.split(batch_size), desc="perplexity", disable=not progress):
+            batch = batch.to(device)
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+            total_nll += float(nll)
+            count += batch[:, 1:].numel()
     return {"perplexity": math.exp(total_nll / count), "windows": windows, "seqlen": seqlen, "tokens": count}
 
 
