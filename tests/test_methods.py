@@ -251,6 +251,9 @@ def test_presets_and_overrides():
     assert PruneConfig.from_options("m", method="wanda").sequential_mode == "layer"
     assert PruneConfig.from_options("m", preset="best").sequential_mode == "layer"
     assert PruneConfig.from_options("m", sequential="layer").sequential_mode == "layer"
+    for bad in ({"nm_select": "nope"}, {"sparsegpt_order": "nope"}):
+        with pytest.raises(OneshotError, match=next(iter(bad)).replace("_", "-")):
+            PruneConfig.from_options("m", **bad).validate()
 
 
 @pytest.mark.parametrize("extra,message", [
