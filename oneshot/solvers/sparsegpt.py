@@ -185,7 +185,8 @@ def sparsegpt(weight: torch.Tensor, stats: Stats, constraint: Constraint, option
             k = n_pruned(rows * i2, constraint.sparsity) - n_pruned(rows * i1, constraint.sparsity)
             score = (W1 / d.unsqueeze(1)) ** 2
             mask1 = lowest_k(score.reshape(-1), k, dim=0).reshape(count, rows)
-        scale = mask1 / d.unsqueeze(1)  # err = w / d where pruned, 0 where kept
+        # err = w / d where pruned, 0 where kept (exact N:M groups compute their own errors)
+        scale = mask1 / d.unsqueeze(1) if patterns is None else None
         # two levels of lazy updates: rank-1 updates only inside a sub-block of `sub` columns, one
         # matmul for the rest of the block after each sub-block (the same arithmetic, less traffic)
         for j1 in range(0, count, sub):
