@@ -241,7 +241,7 @@ class PruneConfig:
     def sequential_mode(self) -> str:
         """``auto``: one pass a layer (``linear``) for SparseGPT, which measured the same perplexity on
         SmolLM2-135M in about two thirds of the time (2:4 with act-order and exact group selection:
-        62.84 with ``linear``, 63.29 with ``layer``, RESULTS.md run 7); ``layer`` for the other methods
+        62.84 with ``linear``, 63.29 with ``layer``, RESULTS.md 2:4 ablation); ``layer`` for the other methods
         (Wanda 2:4 measured worse with ``linear``) and whenever the block update needs the dense
         layer's outputs."""
         if self.sequential != "auto":

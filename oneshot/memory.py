@@ -97,7 +97,8 @@ def reuse_host_heap(enabled: bool = True):
     anew. Inside this block, blocks up to 512 MB come from the heap and freed memory stays there for
     reuse; afterwards the thresholds return to glibc's initial 128 KB (no longer adaptive) and the
     heap is trimmed. SparseGPT on SmolLM2-135M, 2-core CPU: 3-21% less layer work (it varies with the
-    machine's state) for about 0.25 GiB more peak RSS (``python benchmarks/host_heap.py``, RESULTS.md). Not glibc: nothing changes."""
+    machine's state) for about 0.25 GiB more peak RSS (``python benchmarks/host_heap.py``,
+    RESULTS.md). Not glibc: nothing changes."""
     libc = _glibc() if enabled else None
     if libc is None:
         yield
