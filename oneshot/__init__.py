@@ -1,10 +1,20 @@
 """oneshot: one-shot post-training pruning for Hugging Face causal language models."""
 
-__version__ = "0.1.0"
+import os as _os
 
-from .config import Constraint, OneshotError, PruneConfig  # noqa: E402
+from .constraint import Constraint
+from .errors import OneshotError
+from .version import __version__
 
 __all__ = ["prune", "load", "PruneConfig", "PruneResult", "Constraint", "OneshotError", "__version__"]
+
+# The repository's top-level kernels/ folder is installed as oneshot.kernels (pyproject.toml maps it;
+# a top-level `kernels` would clash with Hugging Face's package of that name). Run from a source tree
+# with no install (PYTHONPATH=repo), the same folder is found through the repository root.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile(
+        _os.path.join(_root, "kernels", "__init__.py")):
+    __path__.append(_root)
 
 
 def __getattr__(name):  # keep `import oneshot` light: torch/transformers load on first use of prune
@@ -12,6 +22,10 @@ def __getattr__(name):  # keep `import oneshot` light: torch/transformers load o
         from . import api
 
         return getattr(api, name)
+    if name == "PruneConfig":
+        from .config import PruneConfig
+
+        return PruneConfig
     if name == "load":
         from .formats import load
 

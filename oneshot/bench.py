@@ -3,18 +3,18 @@ end-to-end prefill and decode, dense against every available backend of ``kernel
 
 from __future__ import annotations
 
-from .config import OneshotError
+from .errors import OneshotError
 
 
 def run_bench(spec: str, device: str = "auto", dtype: str = "auto", m_sizes=None, backends=None,
               shapes: str = "model", e2e: bool = True, prompt_len: int = 512, batches=(1, 8, 32),
               decode_steps: int = 32, warmup: int = 10, iters: int = 50) -> dict:
-    from kernels import BACKENDS, sparsify
-    from kernels.bench import (M_SIZES, SHAPES, Timer, device_info, end_to_end, gemm_case, model_shapes, set_backend,
+    from .evaluate import load_for_eval
+    from .kernels import BACKENDS, sparsify
+    from .kernels.bench import (M_SIZES, SHAPES, Timer, device_info, end_to_end, gemm_case, model_shapes, set_backend,
                                usable_backends)
 
-    from .api import resolve_device
-    from .evaluate import load_for_eval
+    from .runtime import resolve_device
 
     if shapes not in ("model",) + tuple(SHAPES):
         raise OneshotError(f"--shapes must be model, {', '.join(SHAPES)}; got {shapes!r}")

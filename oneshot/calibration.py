@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import OneshotError
+from .errors import OneshotError
 
 PRESETS = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", {}),

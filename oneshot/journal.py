@@ -23,7 +23,9 @@ import os
 
 import torch
 
-from .config import OneshotError, PruneConfig
+from .config import PruneConfig
+from .errors import OneshotError
+from .version import __version__
 
 JOURNAL = ".oneshot-journal"
 STATE = "state.json"
@@ -33,8 +35,6 @@ _NOT_FINGERPRINTED = ("out", "overwrite", "memory_check", "resume", "load", "off
 
 
 def fingerprint(cfg: PruneConfig, model_files: dict[str, int], device: str, streaming: bool) -> dict:
-    from . import __version__
-
     options = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_FINGERPRINTED}
     return {"options": options, "model_files": model_files, "device": device, "streaming": streaming,
             "oneshot": __version__}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import Constraint
+from .constraint import Constraint
 
 
 def n_pruned(numel: int, sparsity: float) -> int:

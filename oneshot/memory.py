@@ -13,11 +13,11 @@ device = the same minus the weights and the overhead, plus one layer's weights (
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from .config import OneshotError, PruneConfig
+from .config import PruneConfig
+from .errors import OneshotError
+from .runtime import available_bytes
 
 OVERHEAD = 512 * 2**20
 
@@ -67,16 +67,10 @@ def estimate(cfg: PruneConfig, hf_config, structure: dict, gguf: bool = False, s
     return {"parts": parts, "host_bytes": host, "device_bytes": device_peak}
 
 
-def available(device: torch.device) -> int:
-    from .engine import _available_bytes
-
-    return _available_bytes(device)
-
-
 def check(cfg: PruneConfig, est: dict, device: torch.device) -> None:
     """Refuse, with what to change, a run whose estimated peak exceeds the memory available."""
     gib = 2**30
-    host_free = available(torch.device("cpu"))
+    host_free = available_bytes(torch.device("cpu"))
     parts = est["parts"]
     advice = (f"activations take {parts['activations'] / gib:.1f} GiB (--nsamples {cfg.nsamples} x --seqlen "
               f"{cfg.seqlen}): use fewer --nsamples or a shorter --seqlen; --no-memory-check to try anyway")
@@ -84,52 +78,7 @@ def check(cfg: PruneConfig, est: dict, device: torch.device) -> None:
         raise OneshotError(f"this run needs about {est['host_bytes'] / gib:.1f} GiB of host memory, "
                            f"{host_free / gib:.1f} GiB is available: {advice}")
     if device.type == "cuda":
-        free = available(device)
+        free = available_bytes(device)
         if est["device_bytes"] > free:
             raise OneshotError(f"this run needs about {est['device_bytes'] / gib:.1f} GiB on {device}, "
                                f"{free / gib:.1f} GiB is free: {advice}, --offload-activations, or --device cpu")
-
-
-@contextlib.contextmanager
-def reuse_host_heap(enabled: bool = True):
-    """glibc serves allocations above a threshold (adaptive, at most 32 MB) with fresh pages from mmap
-    and unmaps them when freed, so every activation-sized temporary of every forward page-faults
-    anew. Inside this block, blocks up to 512 MB come from the heap and freed memory stays there for
-    reuse; afterwards the thresholds return to glibc's initial 128 KB (no longer adaptive) and the
-    heap is trimmed. SparseGPT on SmolLM2-135M, 2-core CPU: 3-21% less layer work (it varies with the
-    machine's state) for about 0.25 GiB more peak RSS (``python benchmarks/host_heap.py``,
-    RESULTS.md). Not glibc: nothing changes."""
-    libc = _glibc() if enabled else None
-    if libc is None:
-        yield
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 512 << 20)
-    libc.mallopt(m_trim_threshold, 1 << 30)
-    try:
-        yield
-    finally:
-        libc.mallopt(m_mmap_threshold, 128 << 10)
-        libc.mallopt(m_trim_threshold, 128 << 10)
-        libc.malloc_trim(0)
-
-
-def _glibc():
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc
-        return None
-
-
-def free_memory() -> None:
-    """After each layer: collect reference cycles (hooks and modules hold some, and with them a layer's
-    tensors) and hand freed heap back to the OS, so host memory stays flat over hundreds of layers."""
-    import gc
-
-    gc.collect()
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)

@@ -46,7 +46,7 @@ def summary_table(report: dict) -> str:
 
 
 def check_plotting() -> None:
-    from .config import OneshotError
+    from .errors import OneshotError
 
     try:
         import matplotlib  # noqa: F401

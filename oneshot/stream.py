@@ -25,9 +25,12 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
-from .config import OneshotError
 from .engine import LayerIO
-from .model_io import ModelSource, _hub_error, find_decoder_layers, find_linears, stores_transposed
+from .errors import OneshotError
+from .formats.store import encode, file_prefix, files_bytes, format_sizes, pruned_weights, size_summary
+from .model.source import ModelSource, hub_error
+from .model.structure import find_decoder_layers, find_linears, stores_transposed
+from .output import write_json
 
 INDEX = "model.safetensors.index.json"
 
@@ -60,7 +63,7 @@ def local_checkpoint(source: ModelSource) -> str | None:
     try:
         return snapshot_download(source.path, allow_patterns=["*.json", "*.safetensors"])
     except Exception as exc:  # noqa: BLE001 - one clear line
-        raise _hub_error(source, "weights", exc) from exc
+        raise hub_error(source, "weights", exc) from exc
 
 
 def streaming_plan(mode: str, source: ModelSource, out: str | None, calib_kind: str) -> tuple[bool, str]:
@@ -269,10 +272,8 @@ class ShardWriter:
     index. Shard ``i`` of ``n`` holds decoder layer ``i``; the last one everything else."""
 
     def __init__(self, directory: str, fmt: str, num_layers: int, model=None):
-        from .formats.store import _prefix
-
         self.directory, self.fmt, self.num_layers, self.model = directory, fmt, num_layers, model
-        self.prefix = _prefix(fmt)
+        self.prefix = file_prefix(fmt)
 
     def shard_name(self, i: int) -> str:
         return f"{self.prefix}-{i + 1:05d}-of-{self.num_layers + 1:05d}.safetensors"
@@ -280,8 +281,6 @@ class ShardWriter:
     def write(self, i: int, tensors: dict[str, torch.Tensor], sidecar: dict, perms: dict) -> dict:
         """Encode and write shard ``i`` atomically; returns its part of the storage summary."""
         from safetensors.torch import save_file
-
-        from .formats.store import encode, format_sizes, pruned_weights
 
         if self.model is not None:
             tensors = output_names(self.model, tensors)
@@ -299,9 +298,6 @@ class ShardWriter:
 
     def finish(self, shards: dict[int, dict]) -> dict:
         """The index, from every shard's keys; returns the storage summary of the whole output."""
-        from .formats.store import files_bytes, size_summary
-        from .model_io import write_json
-
         weight_map, total = {}, 0
         sizes: dict[str, int] = {}
         for i in sorted(shards):

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from .config import Constraint, parse_pattern
-from .formats.store import _as_matrix, decode, pruned_weights, read_permutations, read_raw, read_sidecar
+from .constraint import Constraint, parse_pattern
+from .formats.store import as_matrix, decode, pruned_weights, read_permutations, read_raw, read_sidecar
 from .masks import check_constraint
 
 
 def _layer_problems(key: str, weight: torch.Tensor, layer: dict, perm) -> list[str]:
     problems = []
-    matrix = _as_matrix(weight, layer, perm)
+    matrix = as_matrix(weight, layer, perm)
     nm = parse_pattern(layer.get("pattern"))
     if nm is not None:
         if matrix.shape[1] % nm[1]:

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from oneshot.cli import main
-from oneshot.config import Constraint
+from oneshot.constraint import Constraint
 from oneshot.masks import check_constraint, n_pruned
-from oneshot.model_io import find_decoder_layers, find_linears, get_weight
+from oneshot.model.structure import find_decoder_layers, find_linears, get_weight
 from tiny import ARCHS
 
 CASES = [(arch, "sparsegpt", "2:4") for arch in ARCHS] + [(arch, "wanda", "unstructured") for arch in ARCHS]

@@ -7,7 +7,7 @@ import torch
 
 from oneshot.calibration import describe_source, generate_calibration, load_calibration, windows_from_tokens
 from oneshot.cli import main
-from oneshot.config import OneshotError
+from oneshot.errors import OneshotError
 from tiny import make_tokenizer, sample_text
 
 

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from oneshot import api, model_io
+from oneshot import api, run as run_module
+from oneshot.model import structure
 from oneshot.cli import main
 
 
@@ -21,6 +22,7 @@ def no_load(monkeypatch):
         raise AssertionError("model weights were loaded before the error was found")
 
     monkeypatch.setattr(api, "load_model", refuse)
+    monkeypatch.setattr(run_module, "load_model", refuse)
 
 
 def run(args, capsys):
@@ -47,7 +49,7 @@ def base(src, calib, out, *extra):
     ("./does/not/exist", "no such directory"),
     ("/tmp/definitely-missing.gguf", "no such GGUF file"),
     ("not a valid id!", "not a Hugging Face hub id"),
-    ("some-owner/some-model-that-is-not-cached", "could not load its config"),
+    ("some-owner/some-model-that-is-not-cached", "its config is not in the local Hugging Face cache"),
 ])
 def test_unknown_model(model, needle, calib_txt, tmp_path, capsys, no_load):
     assert_one_error(*run(base(model, calib_txt, tmp_path / "o"), capsys), needle)
@@ -150,7 +152,7 @@ def test_failure_while_writing_leaves_nothing(error, tiny_factory, calib_txt, tm
     def boom(*a, **k):
         raise error("stopped while writing")
 
-    monkeypatch.setattr(api, "write_json", boom)
+    monkeypatch.setattr(run_module, "write_json", boom)
     try:
         rc = main(base(tiny_factory("llama"), calib_txt, out, "--overwrite"))
     except RuntimeError:
@@ -175,10 +177,10 @@ def test_console_script_exit_codes(tiny_factory, calib_txt, tmp_path):
 
 
 def test_model_io_rejects_unsupported_layout():
-    from oneshot.config import OneshotError
+    from oneshot.errors import OneshotError
 
     with pytest.raises(OneshotError, match="could not find the decoder layers"):
-        model_io.find_decoder_layers(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+        structure.find_decoder_layers(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 
 def test_linear_that_never_runs_is_named(tiny_factory, calib_txt, tmp_path, capsys, monkeypatch):

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import oneshot
-from kernels import compress24, decompress24, is_24, packed24_nbytes
+from oneshot.kernels import compress24, decompress24, is_24, packed24_nbytes
 from oneshot.cli import main
 from oneshot.formats import FORMATS, load_state_dict
 from oneshot.formats.base import pack_bits, unpack_bits

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import BACKENDS, Packed24, compress24, decompress24, from_cutlass, sparse_linear, sparsify, to_cutlass
-from kernels.bench import Timer, gemm_bytes, gemm_case
+from oneshot.kernels import BACKENDS, Packed24, compress24, decompress24, from_cutlass, sparse_linear, sparsify, to_cutlass
+from oneshot.kernels.bench import Timer, gemm_bytes, gemm_case
 from oneshot.cli import main
 
 PATTERNS = [p for p in itertools.product([0, 1], repeat=4) if sum(p) <= 2]
@@ -104,7 +104,7 @@ def test_triton_kernel_compiles_for_sm90():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile for real, in a fresh process
-    code = "import json; from kernels.triton24 import compile_for; print(json.dumps(compile_for(90, 'bf16')))"
+    code = "import json; from oneshot.kernels.triton24 import compile_for; print(json.dumps(compile_for(90, 'bf16')))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     stages = json.loads(proc.stdout.strip().splitlines()[-1])

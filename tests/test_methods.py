@@ -7,12 +7,14 @@ import torch
 
 from oneshot.allocation import outlier_density, owl_sparsities
 from oneshot.cli import main
-from oneshot.config import Constraint, OneshotError, PruneConfig
+from oneshot.config import PruneConfig
+from oneshot.constraint import Constraint
+from oneshot.errors import OneshotError
 from oneshot.masks import check_constraint, n_pruned
 from oneshot.solvers import SOLVERS, Stats
 from oneshot.solvers.dsnot import expected_error, refine
 from oneshot.solvers.ria import balanced_permutation, ria_score
-from oneshot.solvers.update import lstsq_rows, output_error, update_weight
+from oneshot.updates.weights import lstsq_rows, output_error, update_weight
 
 
 def _stats(x: torch.Tensor, hessian: bool = True) -> Stats:
@@ -184,7 +186,7 @@ def test_ria_permutation_file_end_to_end(tiny_factory, calib_txt, tmp_path):
         assert sidecar["layers"][permuted[0]]["input_permutation"] == "oneshot_permutations.safetensors"
     from transformers import AutoModelForCausalLM
 
-    from oneshot.model_io import get_weight
+    from oneshot.model.structure import get_weight
 
     model = AutoModelForCausalLM.from_pretrained(str(out))
     for name, module in model.named_modules():
@@ -226,7 +228,7 @@ def test_block_update_keeps_masks_and_lowers_heldout_loss(arch, target, tiny_fac
     assert any(b["kept"] for b in blocks)
     from transformers import AutoModelForCausalLM
 
-    from oneshot.model_io import get_weight
+    from oneshot.model.structure import get_weight
 
     model = AutoModelForCausalLM.from_pretrained(str(out))
     names = {e["name"] for e in report["linears"]}
@@ -276,12 +278,12 @@ def test_reported_error_is_its_definition(sequential, tiny_factory, calib_txt, m
     here from a plain forward of the pruned model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import oneshot.engine
+    import oneshot.engine.loop
     from oneshot import prune
     from oneshot.calibration import load_calibration
-    from oneshot.model_io import find_linears, get_weight
+    from oneshot.model.structure import find_linears, get_weight
 
-    monkeypatch.setattr(oneshot.engine, "ERROR_TOKENS", 10**6)  # the hook measures every token too
+    monkeypatch.setattr(oneshot.engine.loop, "ERROR_TOKENS", 10**6)  # the hook measures every token too
     src = tiny_factory("llama")
     result = prune(src, method="sparsegpt", sparsity=0.5, calib=calib_txt, nsamples=4, seqlen=32,
                    sequential=sequential, progress=False)
@@ -314,7 +316,7 @@ def test_joint_solve_of_linears_sharing_an_input_equals_separate(tiny_factory, c
     import dataclasses
 
     from oneshot import prune
-    from oneshot.model_io import find_linears, get_weight
+    from oneshot.model.structure import find_linears, get_weight
 
     src = tiny_factory("llama")
     runs = {}
@@ -339,7 +341,7 @@ def test_joint_solve_hint_is_checked_before_use():
     statistics, never with the leader's."""
     from torch import nn
 
-    from oneshot.engine import _LayerPruner
+    from oneshot.engine.layer import LayerPruner
 
     class Toy(nn.Module):
         def __init__(self):
@@ -353,13 +355,11 @@ def test_joint_solve_hint_is_checked_before_use():
     layer = Toy()
     dense_b = layer.b.weight.detach().clone()
     x = torch.randn(4, 32, 16)
-    pruner = _LayerPruner({"L.a": layer.a, "L.b": layer.b}, SOLVERS["sparsegpt"], Constraint(0.5, 2, 4),
-                          {"blocksize": 128, "dampening": 0.01}, 1, torch.device("cpu"), 64,
-                          followers={"a": ["b"]}, prefix="L")
-    with torch.no_grad():
+    with LayerPruner({"L.a": layer.a, "L.b": layer.b}, SOLVERS["sparsegpt"], Constraint(0.5, 2, 4),
+                     {"blocksize": 128, "dampening": 0.01}, 1, torch.device("cpu"), 64,
+                     followers={"a": ["b"]}, prefix="L") as pruner, torch.no_grad():
         layer(x)
-    pruner.remove()
-    assert pruner.leader == {"L.a": "L.a", "L.b": "L.b"} and "solved_with" not in pruner.entries["L.b"]
+    assert pruner.stats.leader == {"L.a": "L.a", "L.b": "L.b"} and "solved_with" not in pruner.entries["L.b"]
     xb = (x * x + 1).reshape(-1, 16)
     h = xb.t() @ xb
     alone = SOLVERS["sparsegpt"].fn(dense_b, Stats(tokens=xb.shape[0], sq_norms=h.diagonal().clone(), hessian=h),

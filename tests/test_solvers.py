@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from oneshot.config import Constraint
+from oneshot.constraint import Constraint
 from oneshot.masks import apply_mask, check_constraint, lowest_k, n_pruned, nm_mask, positive_zeros, select_mask
 from oneshot.solvers import SOLVERS, Stats
 from oneshot.solvers.sparsegpt import NMPatterns, group_mask, inverse_hessian_factor
@@ -193,7 +193,7 @@ def test_masks_helpers():
 
 @pytest.mark.parametrize("dim", [64, 577, 1030, 1601])  # 1, 2, 3 and 4 blocks
 def test_block_triangular_hessian_accumulation_equals_full(dim):
-    from oneshot.engine import accumulate_hessian, finish_hessian, hessian_blocks
+    from oneshot.engine.statistics import accumulate_hessian, finish_hessian, hessian_blocks
 
     assert len(hessian_blocks(dim)) - 1 == {64: 1, 577: 2, 1030: 3, 1601: 4}[dim]
     x = torch.randn(300, dim, dtype=torch.float64)

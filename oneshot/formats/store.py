@@ -15,8 +15,8 @@ import shutil
 
 import torch
 
-from ..config import OneshotError
-from ..model_io import write_json
+from ..errors import OneshotError
+from ..output import atomic_output_dir, write_json
 from .base import FORMATS
 
 SIDECAR = "oneshot_sparsity.json"
@@ -24,7 +24,7 @@ REPORT = "report.json"
 PERMUTATIONS = "oneshot_permutations.safetensors"
 
 
-def _prefix(fmt: str) -> str:
+def file_prefix(fmt: str) -> str:
     return "model" if fmt == "dense" else f"oneshot-{fmt}"
 
 
@@ -40,7 +40,7 @@ def read_sidecar(directory: str) -> dict:
 
 
 def weight_files(directory: str, fmt: str) -> list[str]:
-    prefix = _prefix(fmt)
+    prefix = file_prefix(fmt)
     index = os.path.join(directory, f"{prefix}.safetensors.index.json")
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as fh:
@@ -77,7 +77,7 @@ def read_permutations(directory: str) -> dict[str, torch.Tensor]:
     return load_file(path) if os.path.isfile(path) else {}
 
 
-def _as_matrix(weight: torch.Tensor, layer: dict, perm: torch.Tensor | None) -> torch.Tensor:
+def as_matrix(weight: torch.Tensor, layer: dict, perm: torch.Tensor | None) -> torch.Tensor:
     """The weight as [out, in] with N:M groups along ``in``: Conv1D transposed, RIA's order applied."""
     matrix = weight.t() if layer.get("transposed") else weight
     if perm is not None:
@@ -113,7 +113,7 @@ def encode(state: dict[str, torch.Tensor], sidecar: dict, perms: dict, fmt: str)
             continue
         layer, perm = pruned[key]
         try:
-            parts = codec.encode(_as_matrix(tensor, layer, perm))
+            parts = codec.encode(as_matrix(tensor, layer, perm))
         except ValueError as exc:
             raise OneshotError(f"{key}: cannot store as {fmt}: {exc}") from None
         for part, value in parts.items():
@@ -149,7 +149,7 @@ def load_state_dict(directory: str) -> dict[str, torch.Tensor]:
 def write_weights(directory: str, tensors: dict[str, torch.Tensor], fmt: str, max_shard_size: str = "5GB") -> None:
     from huggingface_hub import save_torch_state_dict
 
-    save_torch_state_dict(tensors, directory, filename_pattern=_prefix(fmt) + "{suffix}.safetensors",
+    save_torch_state_dict(tensors, directory, filename_pattern=file_prefix(fmt) + "{suffix}.safetensors",
                           max_shard_size=max_shard_size, metadata={"format": "pt"})  # the sidecar names the format
 
 
@@ -161,7 +161,7 @@ def format_sizes(state: dict[str, torch.Tensor], sidecar: dict, perms: dict) -> 
     for name, codec in FORMATS.items():
         if any(codec.accepts(p) for p in patterns):
             continue
-        sizes[name] = sum(codec.nbytes(_as_matrix(state[key], layer, perm)) for key, (layer, perm) in pruned.items())
+        sizes[name] = sum(codec.nbytes(as_matrix(state[key], layer, perm)) for key, (layer, perm) in pruned.items())
     return size_summary(sizes)
 
 
@@ -229,8 +229,6 @@ def rewrite(directory: str, fmt: str, source: str | None = None) -> dict:
 def convert(directory: str, fmt: str, out: str | None = None, overwrite: bool = False) -> dict:
     """``oneshot convert``: a oneshot output in another format, written atomically to ``out``
     (default: in place, replacing ``directory`` only once the new one is complete)."""
-    from ..model_io import atomic_output_dir
-
     if not os.path.isdir(directory):
         raise OneshotError(f"{directory}: no such directory")
     sidecar = read_sidecar(directory)

@@ -7,7 +7,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..config import Constraint
+from ..constraint import Constraint
+from ..errors import OneshotError
 
 
 @dataclass
@@ -68,3 +69,10 @@ def register(name: str, *, needs_hessian: bool, summary: str, needs_stats: bool 
         return fn
 
     return wrap
+
+
+def get_solver(name: str) -> SolverSpec:
+    """The solver registered as ``name``; an unknown name is one line that lists the known ones."""
+    if name not in SOLVERS:
+        raise OneshotError(f"unknown --method {name!r}; choose one of: {', '.join(sorted(SOLVERS))}")
+    return SOLVERS[name]

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Constraint
+from ..constraint import Constraint
 from ..masks import apply_mask
 from .base import SOLVERS, SolverResult, Stats, register
 

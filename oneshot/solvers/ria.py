@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Constraint
+from ..constraint import Constraint
 from ..masks import apply_mask, nm_mask, select_mask
 from .base import SolverResult, Stats, register
 

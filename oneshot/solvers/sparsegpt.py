@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ..config import Constraint
+from ..constraint import Constraint
 from ..masks import apply_mask, lowest_k, lowest_k_small, n_pruned
 from .base import SolverResult, Stats, register
 

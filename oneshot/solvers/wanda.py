@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import Constraint
+from ..constraint import Constraint
 from ..masks import apply_mask, select_mask
 from .base import SolverResult, Stats, register
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import Stats
+from ..solvers.base import Stats
 
-UPDATES = ("none", "lstsq", "admm")
+
 LSTSQ_RIDGES = (1e-3, 1e-2, 1e-1, 1.0)  # × mean diag(H)
 ADMM_CHECKPOINTS = (2, 5, 10, 20, 50)
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .model_io import in_weight_layout
-
-
+from ..model.structure import in_weight_layout
+from ..tensors import call_layer, move
 
 def slice_windows(obj, index: torch.Tensor, batch: int):
     """``obj`` (tensors in tuples/lists/dicts) with every tensor whose first dimension is the batch cut
@@ -44,8 +43,6 @@ def _windows(hidden: list[torch.Tensor], args: list, device) -> list[tuple]:
 
 def _stack(items: list[tuple], device):
     """Concatenate windows that share the same args structure into one forward batch."""
-    from .engine import _to
-
     hidden = torch.cat([h for h, _, _ in items]).to(device)
 
     def cat(objs):
@@ -65,7 +62,7 @@ def _stack(items: list[tuple], device):
 
     args = cat([a for _, a, _ in items])
     kwargs = cat([kw for _, _, kw in items])
-    return hidden, _to(args, device), _to(kwargs, device)
+    return hidden, move(args, device), move(kwargs, device)
 
 
 def reconstruct_block(layer: nn.Module, linears: dict[str, nn.Module], masks: dict[str, torch.Tensor],
@@ -74,10 +71,9 @@ def reconstruct_block(layer: nn.Module, linears: dict[str, nn.Module], masks: di
     """Fit the kept weights of ``layer`` in place; returns what the report says.
 
     ``hidden``/``layer_args``/``targets`` are per captured forward batch; the last ``heldout``
-    windows judge. The block is trained in fp32 and cast back to its dtype.
+    windows judge. The block is trained in fp32 and cast back to its dtype; no gradient outlives the fit
+    (PyTorch refuses a float32 gradient on a parameter cast back to 16 bits).
     """
-    from .engine import _forward
-
     windows = _windows(hidden, layer_args, device)
     target = torch.cat(list(targets))  # [windows, seq, hidden]
     n = len(windows)
@@ -97,7 +93,7 @@ def reconstruct_block(layer: nn.Module, linears: dict[str, nn.Module], masks: di
     def loss_on(idx: list[int], grad: bool) -> torch.Tensor:
         h, a, kw = _stack([windows[i] for i in idx], device)
         with torch.set_grad_enabled(grad):
-            out = _forward(layer, h, a, kw)
+            out = call_layer(layer, h, a, kw)
             return torch.nn.functional.mse_loss(out.float(), target[idx].to(device).float())
 
     def heldout_loss() -> float:
@@ -135,6 +131,7 @@ def reconstruct_block(layer: nn.Module, linears: dict[str, nn.Module], masks: di
             for p, w in zip(params, best_state):
                 p.copy_(w)
         for p, flag in flags:
+            p.grad = None
             p.requires_grad_(flag)
         layer.to(dtype)
     return {

@@ -1,0 +1,1 @@
+"""Text shipped with oneshot so that it runs with no network: see README.md here."""

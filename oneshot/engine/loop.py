@@ -1,0 +1,278 @@
+"""The layer-by-layer loop. Knows nothing about any one solver.
+
+1. capture what every decoder layer receives (:mod:`.capture`);
+2. for each layer: onload it; forward the windows through it with hooks on every linear
+   (:class:`.layer.LayerPruner`) that gather fp32 statistics of its input and solve it; optionally
+   refit the block (``--update block``); forward the windows again through the *pruned* layer to make
+   the next layer's inputs, measuring each linear's output error on the way; offload it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..allocation import owl_sparsities
+from ..constraint import Constraint
+from ..errors import OneshotError
+from ..model.structure import find_decoder_layers, find_linears
+from ..runtime import free_memory, peak_memory, reuse_host_heap
+from ..solvers import SOLVERS, SolverSpec, solver_needs_hessian
+from ..tensors import all_finite, call_layer, move
+from ..updates.block import reconstruct_block
+from .batching import activation_store, plan_batches
+from .capture import Captured, StopForward, capture_inputs, layer_inputs
+from .layer import LayerPruner
+from .layerio import LayerIO, onload, restore
+from .owl import owl_densities
+from .state import RunState
+
+ERROR_TOKENS = 2048  # the forward hook measures each linear's output error on this many calibration tokens
+
+
+@dataclass
+class _Plan:
+    """What every layer of one run shares."""
+
+    spec: SolverSpec
+    options: dict
+    device: torch.device
+    store: torch.device  # where activations live between layers
+    compute: torch.dtype | None  # the dtype layers run in when it is not the stored one
+    storage: torch.dtype
+    sequential: str
+    nbatches: int
+    nsamples: int
+    error_tokens: int
+    needs_hessian: bool
+    heldout: int
+    heldout_from: int | None
+    block: dict | None
+    group: object
+    ignore: tuple
+
+
+@torch.no_grad()
+def prune_layers(*args, device: torch.device, **kwargs) -> dict:
+    """:func:`run_layers`, with the host heap kept for reuse while the layers run on the CPU."""
+    with reuse_host_heap(torch.device(device).type == "cpu"):
+        return run_layers(*args, device=device, **kwargs)
+
+
+def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constraint, options: dict, *,
+               device: torch.device, ignore=(), batch_size: int = 0, sequential: str = "layer",
+               progress: bool = True, allocation: dict | None = None, heldout: int = 0,
+               block: dict | None = None, io: LayerIO | None = None, compute_dtype: torch.dtype | None = None,
+               resume: dict | None = None, on_layer=None, group=None, first_window: int = 0,
+               offload_activations: bool = False) -> dict:
+    """Prune every linear inside the decoder layers of ``model`` in place; returns the report's body.
+
+    ``allocation``: ``{"kind": "owl", "m": .., "lambda": ..}`` for per-layer sparsities (unstructured);
+    ``heldout``: the last windows that only judge updates (``options["update"]`` lstsq/admm, or
+    ``block``: ``{"epochs", "lr", "batch_windows", "target": "layer"|"model", "seed"}``).
+    ``io``: where layers come from and go (:class:`LayerIO`: in memory); ``compute_dtype``: run each
+    layer in this dtype (weights are still rounded to the stored one).
+    ``on_layer(i, layer, state)``: called once layer ``i`` is pruned, in its stored dtype, with the
+    run's state so far as a dict (:class:`RunState`, what a journal needs to resume); ``resume``: such
+    a state, to continue from its next layer. ``group``: a torch.distributed group
+    (:mod:`oneshot.distributed`); ``input_ids`` are then this rank's windows, the first of them window
+    ``first_window`` of all.
+    """
+    from tqdm.auto import tqdm
+
+    io = io or LayerIO()
+    nsamples, seqlen = input_ids.shape
+    path, layers = find_decoder_layers(model)
+    config = getattr(model.config, "text_config", None) or model.config
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    storage = model.dtype
+    compute = compute_dtype if compute_dtype is not None and compute_dtype != storage else None
+    dtype_bytes = torch.finfo(compute or storage).bits // 8
+    per_batch = plan_batches(input_ids, layers[0], heads, dtype_bytes, device, batch_size)
+    batches = list(input_ids.split(per_batch))
+    hidden_size = model.get_input_embeddings().weight.shape[1]
+    if block is not None and sequential != "layer":
+        raise OneshotError("--update block needs --sequential layer")
+    if group is not None and sequential != "layer":
+        raise OneshotError("a distributed run sums the statistics of the dense layer: it needs --sequential layer")
+    plan = _Plan(spec=SOLVERS[method], options=options, device=device,
+                 store=activation_store(device, nsamples * seqlen * hidden_size * dtype_bytes, offload_activations),
+                 compute=compute, storage=storage, sequential=sequential, nbatches=len(batches), nsamples=nsamples,
+                 error_tokens=max(0, ERROR_TOKENS - first_window * seqlen),  # the same first tokens on any rank count
+                 needs_hessian=solver_needs_hessian(method, options), heldout=heldout,
+                 heldout_from=nsamples - heldout if heldout else None, block=block, group=group, ignore=tuple(ignore))
+    phases = {"capture": 0.0, "prune_and_propagate": 0.0, "solve": 0.0}
+
+    t0 = time.perf_counter()
+    captured = capture_inputs(model, layers, batches, device, plan.store, io)
+    io.captured(model)
+    if io.streaming:
+        free_memory()
+    phases["capture"] = time.perf_counter() - t0
+
+    state = RunState.from_dict(resume) if resume is not None else RunState()
+    if resume is not None:
+        captured.hidden = list(state.hidden)
+        allocation = state.allocation or allocation
+    constraints = [constraint] * len(layers)
+    if allocation and allocation.get("kind") == "owl":
+        if "layer_sparsity" not in allocation:
+            t = time.perf_counter()
+            dens, params = owl_densities(layers, path, captured, device, ignore, float(allocation["m"]), plan.store,
+                                         io, compute)
+            try:
+                layer_sparsity = owl_sparsities(dens, params, constraint.sparsity, float(allocation["lambda"]))
+            except ValueError as exc:
+                raise OneshotError(str(exc)) from None
+            phases["allocation"] = time.perf_counter() - t
+            allocation = {**allocation, "outlier_density": dens, "layer_sparsity": layer_sparsity}
+        constraints = [Constraint(sparsity=s) for s in allocation["layer_sparsity"]]
+    state.allocation = allocation
+    if resume is None and block and block.get("target") == "model":
+        state.dense_stream = [h.clone() for h in captured.hidden]
+
+    bar = tqdm(total=len(layers), initial=state.finished, desc=f"{method} {constraint.describe()}", unit="layer",
+               disable=not progress)
+    for i, layer in enumerate(layers):
+        if i < state.finished:
+            continue
+        prefix = f"{path}.{i}"
+        t = time.perf_counter()
+        stored = onload(io, i, layer, device, compute)
+        phases["layer_io"] = phases.get("layer_io", 0.0) + time.perf_counter() - t
+        linears = find_linears(layer, prefix, ignore)
+        for b, hidden in enumerate(captured.hidden):
+            if not all_finite(hidden):
+                raise OneshotError(
+                    f"non-finite values (NaN/Inf) reach decoder layer {i} ({prefix}) in calibration batch {b}; "
+                    "the model overflows in this dtype: try --dtype float32"
+                )
+        layer_linears = _prune_layer(plan, i, prefix, layer, linears, constraints[i], captured, state, phases)
+        restore(layer, stored)
+        phases["prune_and_propagate"] += time.perf_counter() - t
+        tw = time.perf_counter()
+        state.finished = i + 1
+        if on_layer is not None:
+            on_layer(i, layer, state.as_dict())
+        io.release(i, layer, device)
+        if io.streaming:  # a full collection costs ~0.2 s with a whole model in memory: only when streaming
+            free_memory()
+        phases["layer_io"] = phases.get("layer_io", 0.0) + time.perf_counter() - tw
+        if layer_linears:
+            bar.set_postfix(err=f"{sum(e['relative_error'] for e in layer_linears) / len(layer_linears):.3g}")
+        bar.update(1)
+    bar.close()
+    io.finish(model)
+    body = {
+        "layers_path": path,
+        "num_layers": len(layers),
+        "linears": state.reports,
+        "notes": state.notes,
+        "phases_seconds": {k: round(v, 3) for k, v in phases.items()},
+        "peak_memory": peak_memory(),
+        "forward_batch": per_batch,
+        "forward_passes_per_layer": max(state.passes) if state.passes else 0,
+        "activations_on": str(plan.store),
+        "compute_dtype": str(compute or storage).replace("torch.", ""),
+        "error_tokens": ERROR_TOKENS,
+        "permutations": state.permutations,
+    }
+    if allocation:
+        body["allocation"] = allocation
+    if plan.heldout_from is not None:
+        body["heldout_windows"] = heldout
+    if state.blocks:
+        body["block_update"] = state.blocks
+    if resume is not None and int(resume["finished"]):
+        body["resumed_at_layer"] = int(resume["finished"])
+    return body
+
+
+def _prune_layer(plan: _Plan, i: int, prefix: str, layer, linears: dict, constraint: Constraint,
+                 captured: Captured, state: RunState, phases: dict) -> list[dict]:
+    """Prune layer ``i`` (already on the device) and move ``captured`` and ``state`` past it."""
+    spec, block = plan.spec, plan.block
+    nbatches = len(captured.hidden)
+    pruner = LayerPruner(linears, spec, constraint, plan.options, nbatches, plan.device, plan.error_tokens,
+                         needs_hessian=plan.needs_hessian, heldout_from=plan.heldout_from,
+                         storage_dtype=plan.storage if plan.compute is not None else None,
+                         keep_dense=block is not None, group=plan.group,
+                         error_from_hessian=plan.sequential == "linear", followers=state.followers, prefix=prefix)
+    outputs: list[torch.Tensor | None] = [None] * nbatches
+    targets: list[torch.Tensor] = []
+    layer_passes = 0
+
+    def inputs(view=captured):
+        return layer_inputs(view, i, plan.device, plan.compute)
+
+    with pruner:
+        if state.dense_stream is not None:  # the dense model's hidden state after this layer: the block's target
+            view = Captured(state.dense_stream, captured.layer_args)
+            with pruner.paused():  # the dense layer on the dense stream: no statistics, no solving
+                state.dense_stream = [call_layer(layer, h, a, kw).to(plan.store) for _, h, a, kw in inputs(view)]
+            targets = state.dense_stream
+        if spec.needs_stats and plan.sequential == "layer":  # the reference way: all statistics from the dense layer
+            layer_passes += 1
+            with pruner.collecting():
+                for offset, hidden, args, kwargs in inputs():
+                    pruner.start_batch(offset)
+                    out = call_layer(layer, hidden, args, kwargs)
+                    if block is not None and state.dense_stream is None:
+                        targets.append(out.to(plan.store))
+        elif block is not None and state.dense_stream is None:
+            targets = [call_layer(layer, h, a, kw).to(plan.store) for _, h, a, kw in inputs()]
+        if not spec.needs_stats or plan.sequential == "layer":
+            pruner.solve_all()
+        if block is not None and linears:
+            _block_update(plan, i, prefix, layer, linears, pruner, captured, targets, state, phases)
+        while any(o is None for o in outputs):
+            layer_passes += 1
+            if layer_passes > len(linears) + 3:  # no progress: some linear is never reached
+                break
+            for b, (offset, hidden, args, kwargs) in enumerate(inputs()):
+                if outputs[b] is not None:
+                    continue
+                pruner.start_batch(offset)
+                try:
+                    outputs[b] = call_layer(layer, hidden, args, kwargs).to(plan.store)
+                except StopForward:
+                    pass
+    missing = sorted(set(linears) - set(pruner.entries))
+    if missing or any(o is None for o in outputs):
+        raise OneshotError(f"{', '.join(missing) or prefix}: never ran in the layer's forward pass; --ignore them")
+    captured.hidden = outputs
+    state.hidden = outputs
+    layer_linears = pruner.report()
+    state.permutations.update(pruner.permutations)
+    state.followers = pruner.followers_map()
+    for entry in layer_linears:
+        if "fallback" in entry:
+            state.notes.append(f"{entry['name']}: {entry['fallback']}")
+    phases["solve"] += pruner.solve_seconds
+    phases["statistics"] = phases.get("statistics", 0.0) + pruner.stats.seconds
+    phases["error_measure"] = phases.get("error_measure", 0.0) + pruner.errors.seconds
+    state.passes.append(layer_passes)
+    state.reports.extend(layer_linears)
+    return layer_linears
+
+
+def _block_update(plan: _Plan, i: int, prefix: str, layer, linears: dict, pruner: LayerPruner, captured: Captured,
+                  targets: list, state: RunState, phases: dict) -> None:
+    """``--update block``: refit the kept weights of the pruned layer, masks frozen."""
+    block = plan.block
+    tb = time.perf_counter()
+    with pruner.paused():
+        info = reconstruct_block(
+            layer, linears, pruner.masks, [move(h, plan.store, plan.compute) for h in captured.hidden],
+            [move(captured.layer_args[b][i], plan.store, plan.compute) for b in range(len(captured.hidden))],
+            targets, plan.heldout or max(1, plan.nsamples // 8), epochs=int(block["epochs"]), lr=float(block["lr"]),
+            batch_windows=int(block["batch_windows"]), seed=int(block.get("seed", 0)) + i, device=plan.device,
+        )
+    if plan.compute is not None:  # the trained weights, rounded to the stored dtype
+        for module in linears.values():
+            module.weight.data = module.weight.data.to(plan.storage).to(plan.compute)
+    pruner.refresh()
+    state.blocks.append({"layer": prefix, **info})
+    phases["block_update"] = phases.get("block_update", 0.0) + time.perf_counter() - tb
