@@ -66,7 +66,8 @@ def main() -> None:
         rows.append((pattern, best["default"], best["reuse"]))
     print(machine())
     print(f"SparseGPT, SmolLM2-135M, best of {a.repeat}\n")
-    print("| pattern | glibc default: layer work s | peak RSS GiB | reuse_host_heap: layer work s | peak RSS GiB | saved |")
+    print("| pattern | glibc default: layer work s | peak RSS GiB | reuse_host_heap: layer work s | peak RSS GiB "
+          "| saved |")
     print("|---|---|---|---|---|---|")
     for pattern, d, r in rows:
         print(f"| {pattern} | {d['layer_work']:.1f} | {d['rss']:.2f} | {r['layer_work']:.1f} | {r['rss']:.2f} | "

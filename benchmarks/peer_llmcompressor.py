@@ -71,7 +71,8 @@ def main() -> None:
             zeros += int((m.weight == 0).sum())
             total += m.weight.numel()
     print(json.dumps({
-        "tool": "llmcompressor", "method": args.method, "pattern": "unstructured" if args.pattern == "0:0" else args.pattern,
+        "tool": "llmcompressor", "method": args.method,
+        "pattern": "unstructured" if args.pattern == "0:0" else args.pattern,
         "prune_seconds": round(seconds, 1), "perplexity": round(ppl, 3), "sparsity": zeros / total,
         "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
     }))

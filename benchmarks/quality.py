@@ -45,7 +45,8 @@ def main() -> None:
     ap.add_argument("--methods", default="sparsegpt,wanda,magnitude",
                     help="comma list of methods, or LABEL=FLAGS entries separated by ';' "
                          "(e.g. 'dsnot-sgpt=--method dsnot --init sparsegpt;owl=--method wanda --allocation owl')")
-    ap.add_argument("--patterns", default="unstructured,2:4", help="unstructured (at --sparsity), N:M, or a sparsity like 0.7")
+    ap.add_argument("--patterns", default="unstructured,2:4",
+                    help="unstructured (at --sparsity), N:M, or a sparsity like 0.7")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)

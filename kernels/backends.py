@@ -36,7 +36,7 @@ class Packed24:
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_dense(cls, weight: torch.Tensor) -> "Packed24":
+    def from_dense(cls, weight: torch.Tensor) -> Packed24:
         return cls(*compress24(weight))
 
     @property
@@ -54,7 +54,7 @@ class Packed24:
     def nbytes(self) -> int:
         return self.values.numel() * self.values.element_size() + self.meta.numel()
 
-    def to(self, device) -> "Packed24":
+    def to(self, device) -> Packed24:
         return Packed24(self.values.to(device), self.meta.to(device))
 
     def dense(self) -> torch.Tensor:
@@ -73,7 +73,8 @@ class Packed24:
                     torch.Size(self.shape), packed=packed, meta=meta, packed_t=None, meta_t=None,
                     compressed_swizzled_bitmask=None)
             else:  # cuSPARSELt compresses into its own opaque layout
-                self.cache[backend] = SparseSemiStructuredTensorCUSPARSELT.from_dense(decompress24(self.values, self.meta))
+                self.cache[backend] = SparseSemiStructuredTensorCUSPARSELT.from_dense(decompress24(self.values,
+                                                                                                   self.meta))
         return self.cache[backend]
 
 
@@ -159,7 +160,8 @@ def choose(x: torch.Tensor, packed: Packed24) -> str:
     ok = available(x, packed)
     m = x.numel() // x.shape[-1]
     if x.is_cuda:
-        by_shape = tuning_table().get(torch.cuda.get_device_name(x.device), {}).get(str(packed.dtype).split(".")[-1], {})
+        by_shape = tuning_table().get(torch.cuda.get_device_name(x.device), {}).get(str(packed.dtype).split(".")[-1],
+                                                                                    {})
         tuned = by_shape.get(f"{packed.shape[0]}x{packed.shape[1]}", {})
         for bucket in sorted(int(b) for b in tuned):
             if m <= bucket and tuned[str(bucket)] in ok:
@@ -170,7 +172,8 @@ def choose(x: torch.Tensor, packed: Packed24) -> str:
     return "dense"
 
 
-def sparse_linear(x: torch.Tensor, packed: Packed24, bias: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+def sparse_linear(x: torch.Tensor, packed: Packed24, bias: torch.Tensor | None = None,
+                  backend: str = "auto") -> torch.Tensor:
     """y = x · Wᵀ (+ bias) for a 2:4 weight W held as ``packed``; x [..., K] -> y [..., N]."""
     if backend == "auto":
         backend = choose(x, packed)

@@ -222,13 +222,13 @@ def end_to_end(model, device: torch.device, timer: Timer, prompt_len: int = 512,
         ids = torch.randint(vocab, (batch, 16), generator=g).to(device)
         step = torch.randint(vocab, (batch, 1), generator=g).to(device)
 
-        def decode():
+        def decode(ids=ids, step=step):
             cache = DynamicCache()
             model(input_ids=ids, past_key_values=cache, use_cache=True)
             for _ in range(decode_steps):
                 model(input_ids=step, past_key_values=cache, use_cache=True)
 
-        def prefill_only():
+        def prefill_only(ids=ids):
             model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
 
         seconds = timer(decode) - timer(prefill_only)

@@ -23,7 +23,7 @@ class SparseLinear(nn.Module):
         self._packed: Packed24 | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, backend: str = "auto") -> "SparseLinear":
+    def from_linear(cls, linear: nn.Module, backend: str = "auto") -> SparseLinear:
         weight = linear.weight.detach()
         if not isinstance(linear, nn.Linear):  # transformers' Conv1D stores [in, out]
             weight = weight.t()

@@ -11,9 +11,17 @@ def run_bench(spec: str, device: str = "auto", dtype: str = "auto", m_sizes=None
               decode_steps: int = 32, warmup: int = 10, iters: int = 50) -> dict:
     from .evaluate import load_for_eval
     from .kernels import BACKENDS, sparsify
-    from .kernels.bench import (M_SIZES, SHAPES, Timer, device_info, end_to_end, gemm_case, model_shapes, set_backend,
-                               usable_backends)
-
+    from .kernels.bench import (
+        M_SIZES,
+        SHAPES,
+        Timer,
+        device_info,
+        end_to_end,
+        gemm_case,
+        model_shapes,
+        set_backend,
+        usable_backends,
+    )
     from .runtime import resolve_device
 
     if shapes not in ("model",) + tuple(SHAPES):
@@ -53,12 +61,15 @@ def format_bench(result: dict) -> str:
     lines = [f"{result['model']} ({result['dtype']}) on {result['device'].get('name', result['device']['device'])}"]
     if "note" in result:
         lines.append(f"note: {result['note']}")
-    lines.append(f"{'layer':<10} {'M':>6} {'N':>6} {'K':>6}  {'backend':<10} {'us':>10} {'TFLOP/s':>8} {'GB/s':>8} {'speedup':>8} {'of ideal':>8}")
+    lines.append(f"{'layer':<10} {'M':>6} {'N':>6} {'K':>6}  {'backend':<10} {'us':>10} {'TFLOP/s':>8} {'GB/s':>8} "
+                 f"{'speedup':>8} {'of ideal':>8}")
     for r in result["gemm"]:
         frac = "" if r["fraction_of_ideal"] is None else f"{r['fraction_of_ideal']:.2f}"
-        lines.append(f"{r['layer']:<10} {r['M']:>6} {r['N']:>6} {r['K']:>6}  {r['backend']:<10} {r['latency_us']:>10.1f} "
+        lines.append(f"{r['layer']:<10} {r['M']:>6} {r['N']:>6} {r['K']:>6}  {r['backend']:<10} "
+                     f"{r['latency_us']:>10.1f} "
                      f"{r['tflops']:>8.2f} {r['gbps']:>8.1f} {r['speedup']:>8.3f} {frac:>8}")
     for backend, run in result.get("end_to_end", {}).items():
         decode = ", ".join(f"b{k.split('batch')[-1]} {v:.1f}" for k, v in run.items() if k.startswith("decode"))
-        lines.append(f"end to end {backend:<10}: prefill {run['prefill_tokens_per_s']:.1f} tok/s, decode tok/s {decode}")
+        lines.append(f"end to end {backend:<10}: prefill {run['prefill_tokens_per_s']:.1f} tok/s, "
+                     f"decode tok/s {decode}")
     return "\n".join(lines)

@@ -4,7 +4,9 @@ Sources (``--calib``):
   PATH.txt (or any plain-text file)      random windows of the tokenized text
   PATH.jsonl | PATH.json | PATH.parquet  the ``--text-field`` column, documents joined with "\\n\\n"
   hf:NAME[:CONFIG[:SPLIT]]               any ``datasets`` dataset (split defaults to train)
-  wikitext2 | c4                         the papers' presets, from the Hugging Face hub
+  wikitext2 | c4                         the papers' presets, from the Hugging Face hub (offline, wikitext2
+                                         falls back to the bundled text, with a note in the report)
+  bundled                                the WikiText-2 validation text shipped with oneshot (no network)
   self                                   text the model generates from its BOS token (no data at all)
 
 Windows start at uniformly random token offsets drawn from a generator seeded by ``seed``.
@@ -17,7 +19,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import data
 from .errors import OneshotError
+from .hub import offline_reason
 
 PRESETS = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "train", {}),
@@ -36,6 +40,8 @@ def describe_source(spec: str) -> str:
     """Check a source spec without reading it; returns its kind. Raises OneshotError on bad specs."""
     if spec == "self":
         return "self"
+    if spec == "bundled":
+        return "bundled"
     if spec in PRESETS:
         return "preset"
     if spec.startswith("hf:"):
@@ -47,7 +53,7 @@ def describe_source(spec: str) -> str:
         raise OneshotError(f"--calib {spec!r} is a directory; give a text, jsonl, json or parquet file")
     if not os.path.isfile(path):
         raise OneshotError(
-            f"--calib {spec!r}: no such file (sources: a path, hf:NAME[:CONFIG[:SPLIT]], wikitext2, c4, self)"
+            f"--calib {spec!r}: no such file (sources: a path, hf:NAME[:CONFIG[:SPLIT]], wikitext2, c4, bundled, self)"
         )
     return "file"
 
@@ -61,21 +67,32 @@ def _texts_from_dataset(dataset, text_field: str, spec: str) -> list[str]:
     return dataset[text_field]
 
 
-def _load_texts(spec: str, text_field: str, budget_chars: int, seed: int) -> list[str]:
+def _load_texts(spec: str, text_field: str, budget_chars: int, seed: int) -> tuple[list[str], str | None]:
+    """The source's documents, and a note when another source stood in for it (offline)."""
     kind = describe_source(spec)
+    if kind == "bundled":
+        return [data.read(data.CALIBRATION)], None
+    if spec == "wikitext2":
+        offline = offline_reason()
+        if offline is not None:
+            return [data.read(data.CALIBRATION)], (f"--calib wikitext2: the hub cannot be used ({offline}); "
+                                                   "calibrated on the bundled WikiText-2 validation text instead")
+    elif kind != "file":
+        offline_reason()  # probe once: offline, datasets reads its cache only and fails at once
     if kind == "file":
         path = os.path.expanduser(spec)
         ext = os.path.splitext(path)[1].lower()
         if ext not in TABULAR:
             with open(path, encoding="utf-8", errors="replace") as fh:
-                return [fh.read()]
+                return [fh.read()], None
         import datasets
 
         try:
             dataset = datasets.load_dataset(TABULAR[ext], data_files=path, split="train")
         except Exception as exc:  # noqa: BLE001
-            raise OneshotError(f"--calib {spec!r}: could not read it as {TABULAR[ext]} ({str(exc).splitlines()[0]})") from exc
-        return _sample_docs(_texts_from_dataset(dataset, text_field, spec), budget_chars, seed)
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise OneshotError(f"--calib {spec!r}: could not read it as {TABULAR[ext]} ({first})") from exc
+        return _sample_docs(_texts_from_dataset(dataset, text_field, spec), budget_chars, seed), None
 
     import datasets
 
@@ -95,7 +112,7 @@ def _load_texts(spec: str, text_field: str, budget_chars: int, seed: int) -> lis
             f"--calib {spec!r}: could not load dataset {name!r} from the Hugging Face hub or cache ({first}); "
             "pass a local file instead with --calib PATH (.txt, .jsonl, .json or .parquet)"
         ) from exc
-    return _sample_docs(_texts_from_dataset(dataset, text_field, spec), budget_chars, seed)
+    return _sample_docs(_texts_from_dataset(dataset, text_field, spec), budget_chars, seed), None
 
 
 def _sample_docs(texts, budget_chars: int, seed: int) -> list[str]:
@@ -124,17 +141,19 @@ def windows_from_tokens(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: 
     return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
 
 
-def load_calibration(spec: str, tokenizer, nsamples: int, seqlen: int, seed: int, text_field: str = "text") -> Calibration:
+def load_calibration(spec: str, tokenizer, nsamples: int, seqlen: int, seed: int,
+                     text_field: str = "text") -> Calibration:
     """Token windows from a text source (everything but ``self``, which needs the model)."""
     budget = nsamples * seqlen * 6 * 4  # ~4 characters a token, 6x the windows' tokens to sample from
-    texts = _load_texts(spec, text_field, budget, seed)
+    texts, fallback = _load_texts(spec, text_field, budget, seed)
     text = "\n\n".join(texts)
     tokens = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     ids = windows_from_tokens(tokens, nsamples, seqlen, seed, repr(spec))
+    info = {"source": "bundled" if fallback else spec, **({"requested": spec, "note": fallback} if fallback else {})}
     return Calibration(
         ids,
         {
-            "source": spec,
+            **info,
             "documents": len(texts),
             "tokens_available": int(tokens.numel()),
             "nsamples": nsamples,
@@ -146,7 +165,8 @@ def load_calibration(spec: str, tokenizer, nsamples: int, seqlen: int, seed: int
 
 
 @torch.no_grad()
-def generate_calibration(model, tokenizer, nsamples: int, seqlen: int, seed: int, device, batch_size: int = 16) -> Calibration:
+def generate_calibration(model, tokenizer, nsamples: int, seqlen: int, seed: int, device,
+                         batch_size: int = 16) -> Calibration:
     """``self``: windows sampled from the model, each starting at its BOS token (no data needed)."""
     start = tokenizer.bos_token_id
     if start is None:
@@ -178,5 +198,6 @@ def generate_calibration(model, tokenizer, nsamples: int, seqlen: int, seed: int
         model.config.use_cache = was_cache
     ids = torch.cat(chunks)
     return Calibration(
-        ids, {"source": "self", "documents": 0, "nsamples": nsamples, "seqlen": seqlen, "tokens": int(ids.numel()), "seed": seed}
+        ids, {"source": "self", "documents": 0, "nsamples": nsamples, "seqlen": seqlen, "tokens": int(ids.numel()),
+              "seed": seed}
     )

@@ -8,7 +8,6 @@ import json
 import os
 import sys
 
-
 from .config import PAPER_TASKS, PRESETS, EvalConfig, PruneConfig
 from .errors import OneshotError
 from .version import __version__
@@ -93,9 +92,12 @@ def _prune_parser(sub) -> None:
     g = p.add_argument_group("output")
     _opt(g, "--format", "weights on disk: dense (plain transformers loads it), packed24 (2:4 only, 56% of 16-bit "
          "dense), bitmask (any pattern)")
-    g.add_argument("--plot", action="store_true", help="also write report.png: per-layer sparsity and error (matplotlib)")
-    g.add_argument("--eval", action="store_true", help="evaluate the pruned model after writing it (see 'oneshot eval')")
-    g.add_argument("--eval-baseline", action="store_true", help="evaluate the dense model too, side by side (implies --eval)")
+    g.add_argument("--plot", action="store_true",
+                   help="also write report.png: per-layer sparsity and error (matplotlib)")
+    g.add_argument("--eval", action="store_true",
+                   help="evaluate the pruned model after writing it (see 'oneshot eval')")
+    g.add_argument("--eval-baseline", action="store_true",
+                   help="evaluate the dense model too, side by side (implies --eval)")
     _eval_options(p, prefix="eval-")
     g = p.add_argument_group("scale, resilience and the rest")
     _opt(g, "--overwrite", "replace an existing --out", action="store_true")
@@ -103,7 +105,8 @@ def _prune_parser(sub) -> None:
          dest="memory_check", action="store_false")
     _opt(g, "--trust-remote-code", "allow models with custom code", action="store_true")
     _opt(g, "--load", "stream: read each decoder layer from the safetensors shards only while it is pruned and "
-         "write it out at once; full: load the whole model; auto: stream when it can", choices=("auto", "stream", "full"))
+         "write it out at once; full: load the whole model; auto: stream when it can", choices=("auto", "stream",
+                                                                                                "full"))
     _opt(g, "--journal-interval", "journal finished layers for --resume at most this often (0: every layer)",
          type=float, metavar="SECONDS")
     _opt(g, "--offload-activations", "keep calibration activations in host memory, one batch at a time on the GPU",
@@ -154,7 +157,8 @@ def _eval_parser(sub) -> None:
 
 def _bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="2:4 GEMM and end-to-end speed, dense against each kernels backend",
-                       description="Per-layer GEMMs and end-to-end prefill/decode of a 2:4 model (GPU figures need CUDA).")
+                       description="Per-layer GEMMs and end-to-end prefill/decode of a 2:4 model "
+                                   "(GPU figures need CUDA).")
     p.add_argument("model", help="a 2:4 oneshot output (any format), or any model whose linears are 2:4")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float16, bfloat16, float32")
@@ -222,7 +226,8 @@ EVAL_FLAGS = ("ppl", "eval_seqlen", "max_windows", "tasks", "include_path", "lim
 
 
 def _eval_config(args) -> EvalConfig:
-    return EvalConfig.from_options(ppl=args.ppl, seqlen=args.eval_seqlen, max_windows=args.max_windows, tasks=args.tasks,
+    return EvalConfig.from_options(ppl=args.ppl, seqlen=args.eval_seqlen, max_windows=args.max_windows,
+                                   tasks=args.tasks,
                                    include_path=args.include_path, limit=args.limit, batch_size=args.eval_batch_size,
                                    num_fewshot=args.num_fewshot)
 

@@ -38,7 +38,7 @@ class PruneConfig:
     text_field: str = "text"
     dtype: str = "auto"
     device: str = "auto"
-    batch_size: int = 0  # windows per forward; 0 = all of them when one forward fits a quarter of free memory, else as many as fit
+    batch_size: int = 0  # windows per forward; 0: all if one forward fits a quarter of free memory, else as many as fit
     ignore: list[str] = field(default_factory=list)
     overwrite: bool = False
     # solver options
@@ -48,7 +48,9 @@ class PruneConfig:
     sparsegpt_scope: str = "row"  # unstructured sparsegpt: equal count per row in each block, or "block" (reference)
     sparsegpt_order: str = "auto"  # "hessian": columns by decreasing H_jj (act-order); auto: hessian for N:M
     nm_select: str = "exact"  # N:M sparsegpt: each group's pattern by exact cost, or "saliency" (reference)
-    sequential: str = "auto"  # "layer": statistics from the dense layer; "linear": from inputs after the linears before were pruned; "auto": linear for sparsegpt without --update block, else layer
+    # "layer": statistics from the dense layer; "linear": from inputs after the linears before were pruned;
+    # "auto": linear for sparsegpt without --update block, else layer
+    sequential: str = "auto"
     trust_remote_code: bool = False
     # DSnoT and RIA
     dsnot_init: str = "wanda"
@@ -73,13 +75,14 @@ class PruneConfig:
     format: str = "dense"  # on-disk weight format: dense, packed24, bitmask (oneshot.formats)
     memory_check: bool = True  # refuse runs whose estimated peak memory exceeds what is available
     # scale and resilience
-    load: str = "auto"  # "stream": one layer at a time from safetensors shards; "full": the whole model; auto: stream when it can
+    # "stream": one layer at a time from safetensors shards; "full": the whole model; auto: stream when it can
+    load: str = "auto"
     resume: bool = False  # continue a killed run from the journal in the output's partial directory
     journal_interval: float = 30.0  # seconds between journal commits (0: after every layer)
     offload_activations: bool = False  # calibration activations in host memory, one batch at a time on the GPU
 
     @classmethod
-    def from_options(cls, model: str, out: str | None = None, preset: str | None = None, **options) -> "PruneConfig":
+    def from_options(cls, model: str, out: str | None = None, preset: str | None = None, **options) -> PruneConfig:
         """A config from a preset's settings, overridden by every option given explicitly."""
         if preset is not None and preset not in PRESETS:
             raise OneshotError(f"unknown --preset {preset!r}; choose one of: {', '.join(PRESETS)}")
@@ -91,7 +94,7 @@ class PruneConfig:
             raise OneshotError(f"unknown option(s): {', '.join(unknown)}")
         return cls(model=model, out=out, preset=preset, **merged)
 
-    def validate(self) -> "PruneConfig":
+    def validate(self) -> PruneConfig:
         from .solvers import get_solver
 
         if not self.model or not str(self.model).strip():
@@ -105,7 +108,8 @@ class PruneConfig:
             implied = 1 - nm[0] / nm[1]
             if self.sparsity is not None and abs(self.sparsity - implied) > 1e-9:
                 raise OneshotError(
-                    f"--pattern {nm[0]}:{nm[1]} means sparsity {implied:g}, but --sparsity {self.sparsity:g} was given; "
+                    f"--pattern {nm[0]}:{nm[1]} means sparsity {implied:g}, but --sparsity {self.sparsity:g} "
+                    "was given; "
                     "drop --sparsity or make them agree"
                 )
         for name in ("nsamples", "seqlen"):
@@ -132,7 +136,8 @@ class PruneConfig:
         if self.sparsegpt_scope not in ("row", "block"):
             raise OneshotError(f"--sparsegpt-scope must be 'row' or 'block', got {self.sparsegpt_scope!r}")
         if self.sparsegpt_order not in ("auto", "natural", "hessian"):
-            raise OneshotError(f"--sparsegpt-order must be 'auto', 'natural' or 'hessian', got {self.sparsegpt_order!r}")
+            raise OneshotError(
+                f"--sparsegpt-order must be 'auto', 'natural' or 'hessian', got {self.sparsegpt_order!r}")
         if self.nm_select not in ("exact", "saliency"):
             raise OneshotError(f"--nm-select must be 'exact' or 'saliency', got {self.nm_select!r}")
         if self.sequential not in ("auto", "linear", "layer"):
@@ -160,7 +165,8 @@ class PruneConfig:
         if self.heldout < 0 or (self.heldout and self.heldout >= self.nsamples):
             raise OneshotError(f"--heldout must be between 0 and --nsamples - 1, got {self.heldout}")
         if self.update != "none" and self.nsamples < 2:
-            raise OneshotError(f"--update {self.update} holds out calibration windows to judge it: needs --nsamples >= 2")
+            raise OneshotError(
+                f"--update {self.update} holds out calibration windows to judge it: needs --nsamples >= 2")
         if self.block_epochs < 0 or self.block_lr <= 0 or self.block_batch <= 0:
             raise OneshotError("--block-epochs must be >= 0, --block-lr and --block-batch > 0")
         if self.block_target not in ("layer", "model"):
@@ -255,7 +261,7 @@ class EvalConfig:
     num_fewshot: int | None = None
 
     @classmethod
-    def from_options(cls, **options) -> "EvalConfig":
+    def from_options(cls, **options) -> EvalConfig:
         """From the CLI's values (None: not given, the default here): ``ppl="none"`` measures no
         perplexity; ``tasks`` is a comma list, ``paper`` the papers' set, ``none`` nothing."""
         given = {k: v for k, v in options.items() if v is not None}
@@ -271,7 +277,7 @@ class EvalConfig:
             given["tasks"] = tuple(dict.fromkeys(names))
         return cls(**given)
 
-    def validate(self) -> "EvalConfig":
+    def validate(self) -> EvalConfig:
         if self.ppl is None and not self.tasks:
             raise OneshotError("nothing to evaluate: --ppl none and --tasks none")
         if self.ppl is not None and self.ppl not in PPL_PRESETS and not os.path.isfile(os.path.expanduser(self.ppl)):

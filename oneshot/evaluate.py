@@ -7,14 +7,17 @@ perplexity is exp of the mean next-token negative log-likelihood over every pred
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
+from . import data
 from .config import PPL_PRESETS, EvalConfig
 from .errors import OneshotError
-from .runtime import resolve_device, reuse_host_heap
+from .hub import offline_reason
+from .runtime import compute_dtype_for, resolve_device, reuse_host_heap
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
@@ -52,21 +55,23 @@ def perplexity(model, tokens: torch.Tensor, seqlen: int, max_windows: int | None
 def ppl_text(source: str) -> tuple[str, dict]:
     """The evaluation text of a --ppl source and how it was made.
 
-    ``wikitext2``: the test split of wikitext-2-raw-v1, rows joined with "\\n\\n" (the papers' protocol).
+    ``wikitext2``: the test split of wikitext-2-raw-v1, rows joined with "\\n\\n" (the papers' protocol),
+    read from the copy shipped with oneshot (:mod:`oneshot.data`): no network needed.
     ``c4``: the first 1100 documents of the en validation shard 0, joined with " " (as Wanda/SparseGPT).
     A path: the file's text as is (e.g. WikiText-2's ``wiki.test.raw``).
     """
     import os
 
+    if source == "wikitext2":
+        return data.read(data.TEST), {"source": "wikitext:wikitext-2-raw-v1:test (bundled copy)",
+                                      "joined_with": "\\n\\n"}
     if source not in PPL_PRESETS:
         with open(os.path.expanduser(source), encoding="utf-8") as fh:
             return fh.read(), {"source": os.path.abspath(os.path.expanduser(source))}
+    offline_reason()  # probe once: offline, datasets reads its cache only and fails at once
     try:
         from datasets import load_dataset
 
-        if source == "wikitext2":
-            rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
-            return "\n\n".join(rows), {"source": "wikitext:wikitext-2-raw-v1:test", "joined_with": "\\n\\n"}
         rows = load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
                             split="validation")["text"][:1100]
         return " ".join(rows), {"source": "allenai/c4:en:validation[:1100]", "joined_with": " "}
@@ -85,7 +90,8 @@ def task_manager(tasks: list[str], include_path: str | None = None):
     manager = TaskManager(include_path=include_path)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise OneshotError(f"unknown lm-eval task(s): {', '.join(unknown)} (local tasks: --include-path DIR of YAML files)")
+        raise OneshotError(f"unknown lm-eval task(s): {', '.join(unknown)} "
+                           "(local tasks: --include-path DIR of YAML files)")
     return manager
 
 
@@ -147,8 +153,13 @@ class Evaluator:
         self.manager = task_manager(list(cfg.tasks), cfg.include_path) if cfg.tasks else None
 
     def __call__(self, model, tokenizer, device: str | torch.device = "cpu") -> dict:
+        with computing_in(model, torch.device(device)) as note:
+            result = self._measure(model, tokenizer, device)
+        result.update(note)
+        return result
+
+    def _measure(self, model, tokenizer, device) -> dict:
         cfg, result = self.cfg, {}
-        model.to(device)
         if self.text is not None:
             body, info = self.text
             max_windows = cfg.max_windows
@@ -163,8 +174,32 @@ class Evaluator:
             accs = [row["acc"] for row in result["tasks"].values() if "acc" in row]
             if accs:
                 result["mean_acc"] = sum(accs) / len(accs)
-        model.to("cpu")
         return result
+
+
+@contextlib.contextmanager
+def computing_in(model, device: torch.device):
+    """``model`` on ``device`` in the dtype it computes in there (float32 for 16-bit weights on the CPU,
+    as ``prune`` runs its layers: bfloat16 matmuls run at a fraction of a GFLOP/s on CPUs without
+    AVX512-BF16/AMX); yields what the result should say about it. Afterwards every tensor is back on
+    the CPU in its own dtype (16 → 32 → 16 bits is exact)."""
+    storage = model.dtype
+    compute = compute_dtype_for(storage, device)
+    dtypes = {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    note = {"dtype": str(storage).replace("torch.", ""), "compute_dtype": str(compute).replace("torch.", "")}
+    if compute != storage:
+        note["note"] = f"{note['dtype']} weights computed in float32 on the CPU"
+        model.to(device=device, dtype=compute)
+    else:
+        model.to(device)
+    try:
+        yield note
+    finally:
+        model.to("cpu")
+        if compute != storage:
+            for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                if t.dtype != dtypes[name]:
+                    t.data = t.data.to(dtypes[name])
 
 
 def evaluate(model: str, cfg: EvalConfig, baseline: str | None = None, dtype: str = "auto",
@@ -221,4 +256,10 @@ def format_table(results: dict, names: list[str]) -> str:
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    if "perplexity" in first:
+        p = first["perplexity"]
+        lines.append(f"perplexity: {p['windows']} windows of {p['seqlen']} tokens of {p['source']}")
+    for n in names:
+        if results[n].get("note"):
+            lines.append(f"{n}: {results[n]['note']}")
     return "\n".join(lines)

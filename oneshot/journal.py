@@ -119,7 +119,8 @@ class Journal:
         tensors = _load(self.path(st["hidden"]))
         nb = sum(1 for k in tensors if k.startswith("hidden."))
         dense = [tensors[f"dense.{b}"] for b in range(nb)] if "dense.0" in tensors else None
-        perms = _load(self.path("permutations.safetensors")) if os.path.isfile(self.path("permutations.safetensors")) else {}
+        perms_path = self.path("permutations.safetensors")
+        perms = _load(perms_path) if os.path.isfile(perms_path) else {}
         return {"finished": st["finished"], "hidden": [tensors[f"hidden.{b}"] for b in range(nb)],
                 "dense_stream": dense, "reports": st["reports"], "notes": st["notes"], "passes": st["passes"],
                 "blocks": st["blocks"], "permutations": perms, "allocation": st.get("allocation"),
@@ -128,7 +129,8 @@ class Journal:
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         return _load(self.path(f"layer-{i:05d}.safetensors"))
 
-    def commit(self, i: int, state: dict, extra: dict, layers: dict[int, dict[str, torch.Tensor]] | None = None) -> None:
+    def commit(self, i: int, state: dict, extra: dict, layers: dict[int, dict[str,
+                                                                              torch.Tensor]] | None = None) -> None:
         """Layers up to ``i`` are done: the tensors of those since the last commit (in-memory runs),
         the activations after layer ``i``, then the state."""
         for j, tensors in (layers or {}).items():

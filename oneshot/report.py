@@ -20,7 +20,8 @@ def summary_table(report: dict) -> str:
     blocks: OrderedDict = OrderedDict()
     for entry in report["linears"]:
         blocks.setdefault(_block(entry["name"]), []).append(entry)
-    lines = [f"{'block':>5}  {'linears':>7}  {'weights':>11}  {'sparsity':>8}  {'mean err':>8}  {'max err':>8}  worst linear"]
+    lines = [f"{'block':>5}  {'linears':>7}  {'weights':>11}  {'sparsity':>8}  {'mean err':>8}  {'max err':>8}  "
+             "worst linear"]
     for block, entries in blocks.items():
         weights = sum(e["shape"][0] * e["shape"][1] for e in entries)
         zeros = sum(e["zeros"] for e in entries)
@@ -69,7 +70,8 @@ def plot(report: dict, path: str) -> None:
         top.scatter(xs, [entries[i]["sparsity"] for i in xs], s=10, label=kind)
         bottom.scatter(xs, [max(entries[i]["relative_error"], 1e-12) for i in xs], s=10, label=kind)
     top.set_ylabel("sparsity")
-    top.set_title(f"{report['architecture']}: {report['method']}, {report['pattern']}, target {report['target_sparsity']:.3g}")
+    top.set_title(f"{report['architecture']}: {report['method']}, {report['pattern']}, "
+                  f"target {report['target_sparsity']:.3g}")
     bottom.set_ylabel("relative output error")
     bottom.set_yscale("log")
     bottom.set_xlabel("linear layer (model order)")

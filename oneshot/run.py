@@ -11,6 +11,7 @@ import time
 import torch
 
 from .calibration import Calibration, generate_calibration
+from .config import PruneConfig
 from .engine import LayerIO, prune_layers
 from .errors import OneshotError
 from .formats.store import PERMUTATIONS, REPORT, SIDECAR, describe_storage, rewrite
@@ -54,7 +55,8 @@ def sparsity_metadata(report: dict, transposed: set[str] = frozenset()) -> dict:
 
 def solver_options(cfg: PruneConfig) -> dict:
     """What the solvers and the per-linear update read from the config."""
-    names = ("blocksize", "dampening", "magnitude_scope", "sparsegpt_scope", "nm_select", "sparsegpt_order", "dsnot_init", "dsnot_cycles",
+    names = ("blocksize", "dampening", "magnitude_scope", "sparsegpt_scope", "nm_select", "sparsegpt_order",
+             "dsnot_init", "dsnot_cycles",
              "dsnot_threshold", "dsnot_power", "ria_alpha", "ria_permute", "update")
     return {name: getattr(cfg, name) for name in names}
 
@@ -218,6 +220,8 @@ class Run:
             "versions": versions(),
             "argv": list(sys.argv),  # the command line of the process that pruned (the CLI's, or the caller's script)
         }
+        if self.calibration.info.get("note"):  # another calibration source stood in for the one asked for
+            report["notes"] = [self.calibration.info["note"]] + report["notes"]
         if tmp is None:
             report["seconds"] = round(time.perf_counter() - self.started, 3)
             report["out"] = None

@@ -69,7 +69,8 @@ def verify(directory: str, forward: bool = True) -> dict:
     try:
         model = load(directory)
     except Exception as exc:  # noqa: BLE001
-        failures.append(f"the model does not load: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        failures.append(f"the model does not load: {type(exc).__name__}: {first}")
         return {"ok": False, "failures": failures, "checked": checked}
     failures += _tie_problems(model, state)
     if forward:

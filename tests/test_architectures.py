@@ -1,7 +1,6 @@
 """Every supported architecture end to end through the CLI on a tiny random-initialised model."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -39,7 +38,8 @@ def test_prune_end_to_end(arch, method, pattern, tiny_factory, calib_txt, tmp_pa
     for i, layer in enumerate(layers):
         linears.update(find_linears(layer, f"{path}.{i}"))
     assert set(linears) == {e["name"] for e in report["linears"]}
-    constraint = Constraint(0.5, 2, 4) if pattern == "2:4" else Constraint(0.5, 4, 8) if pattern == "4:8" else Constraint(0.5)
+    constraint = Constraint(0.5, 2, 4) if pattern == "2:4" else Constraint(0.5, 4,
+                                                                           8) if pattern == "4:8" else Constraint(0.5)
     for name, module in linears.items():
         w = get_weight(module)
         assert check_constraint(w, constraint) is None, name
@@ -88,7 +88,8 @@ def test_shared_statistics_for_siblings(tiny_factory, calib_txt, tmp_path):
     out = tmp_path / "out"
     assert main(["prune", tiny_factory("llama"), "--method", "sparsegpt", "--calib", calib_txt,
                  "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--quiet"]) == 0
-    shared = {e["name"].split(".")[-1]: e["shared_stats_with"] for e in json.loads((out / "report.json").read_text())["linears"]
+    entries = json.loads((out / "report.json").read_text())["linears"]
+    shared = {e["name"].split(".")[-1]: e["shared_stats_with"] for e in entries
               if e["name"].startswith("model.layers.0.")}
     assert shared["q_proj"] is None and shared["k_proj"].endswith("q_proj") and shared["v_proj"].endswith("q_proj")
     assert shared["o_proj"] is None and shared["down_proj"] is None

@@ -138,6 +138,7 @@ def test_eval_bad_input_fails_fast(args, message, tiny_factory, capsys):
 
 def test_prune_eval_bad_input_fails_before_pruning(tiny_factory, calib_txt, tmp_path, capsys):
     out = tmp_path / "o"
-    rc = main(["prune", tiny_factory("llama"), "--calib", calib_txt, "--out", str(out), "--eval", "--ppl", "missing.txt"])
+    rc = main(["prune", tiny_factory("llama"), "--calib", calib_txt, "--out", str(out), "--eval", "--ppl",
+               "missing.txt"])
     assert rc == 2 and "missing.txt" in capsys.readouterr().err
     assert not out.exists()

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import oneshot
-from oneshot.kernels import compress24, decompress24, is_24, packed24_nbytes
 from oneshot.cli import main
 from oneshot.formats import FORMATS, load_state_dict
 from oneshot.formats.base import pack_bits, unpack_bits
+from oneshot.kernels import compress24, decompress24, is_24, packed24_nbytes
 
 # every way to keep at most 2 of 4 (the 6 exact 2:4 patterns and the degenerate ones)
 PATTERNS = [p for p in itertools.product([0, 1], repeat=4) if sum(p) <= 2]
@@ -94,7 +94,8 @@ def test_bitmask_round_trip_any_pattern_and_bits():
 
 
 def _prune(src, calib, out, *extra):
-    rc = main(["prune", src, "--calib", calib, "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--quiet", *extra])
+    rc = main(["prune", src, "--calib", calib, "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--quiet",
+               *extra])
     assert rc == 0
     return json.loads((out / "report.json").read_text())
 
@@ -148,7 +149,8 @@ def test_prune_writes_packed24_directly_and_it_is_smaller(tiny_factory, calib_tx
 
 
 def test_format_errors_fail_fast(tiny_factory, calib_txt, tmp_path, capsys):
-    rc = main(["prune", tiny_factory("llama"), "--calib", calib_txt, "--out", str(tmp_path / "x"), "--format", "packed24"])
+    rc = main(["prune", tiny_factory("llama"), "--calib", calib_txt, "--out", str(tmp_path / "x"), "--format",
+               "packed24"])
     assert rc == 2 and "use --format bitmask" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     out = tmp_path / "u"

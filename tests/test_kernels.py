@@ -9,9 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oneshot.kernels import BACKENDS, Packed24, compress24, decompress24, from_cutlass, sparse_linear, sparsify, to_cutlass
-from oneshot.kernels.bench import Timer, gemm_bytes, gemm_case
 from oneshot.cli import main
+from oneshot.kernels import (
+    BACKENDS,
+    Packed24,
+    compress24,
+    from_cutlass,
+    sparse_linear,
+    sparsify,
+    to_cutlass,
+)
+from oneshot.kernels.bench import Timer, gemm_bytes, gemm_case
 
 PATTERNS = [p for p in itertools.product([0, 1], repeat=4) if sum(p) <= 2]
 CUDA = torch.cuda.is_available()

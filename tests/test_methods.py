@@ -145,7 +145,8 @@ def test_owl_sparsities_weighted_mean_is_exact():
 
 
 def _prune(src, calib, out, *extra):
-    rc = main(["prune", src, "--calib", calib, "--nsamples", "8", "--seqlen", "48", "--out", str(out), "--quiet", *extra])
+    rc = main(["prune", src, "--calib", calib, "--nsamples", "8", "--seqlen", "48", "--out", str(out), "--quiet",
+               *extra])
     assert rc == 0
     return json.loads((out / "report.json").read_text())
 

@@ -12,13 +12,12 @@ import time
 import pytest
 import torch
 
-from tiny import make_sharded_llama
-
 from oneshot import prune
 from oneshot.errors import OneshotError
 from oneshot.formats.store import load_state_dict
 from oneshot.journal import JOURNAL, STATE
 from oneshot.output import partial_dir
+from tiny import make_sharded_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -187,7 +186,8 @@ def test_resume_after_kill_is_byte_identical(deep, calib_txt, tmp_path, load):
     subprocess.run(_cli(deep, out, calib_txt, "--load", load, "--resume"), check=True, env=env)
     assert not os.path.exists(partial_dir(out))
     assert _files(out) == _files(reference)
-    resumed, ref = _stable_report(os.path.join(out, "report.json")), _stable_report(os.path.join(reference, "report.json"))
+    resumed, ref = _stable_report(os.path.join(out, "report.json")), _stable_report(os.path.join(reference,
+                                                                                                 "report.json"))
     assert resumed == ref
     with open(os.path.join(out, "report.json")) as fh:
         assert json.load(fh)["resumed_at_layer"] >= 7
@@ -286,7 +286,8 @@ def test_hub_checkpoint_streams_from_the_cache(sharded, calib_txt, tmp_path):
     env.pop("HF_HUB_CACHE", None)
     out = tmp_path / "o"
     subprocess.run([sys.executable, "-m", "oneshot", "prune", "tiny/sharded-llama", "--out", str(out), "--calib",
-                    calib_txt, "--method", "wanda", "--nsamples", "4", "--seqlen", "32", "--quiet"], check=True, env=env)
+                    calib_txt, "--method", "wanda", "--nsamples", "4", "--seqlen", "32", "--quiet"],
+                   check=True, env=env)
     report = json.loads((out / "report.json").read_text())
     assert report["source"] == "hub" and report["load"]["streaming"] is True
     _run(sharded, str(tmp_path / "local"), calib=calib_txt, nsamples=4)  # the same checkpoint as a directory

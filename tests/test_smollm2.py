@@ -57,7 +57,8 @@ def test_output_reloads_with_tied_embeddings_and_exact_sparsity(results, eval_to
     ppl, outs = results
     result, out = outs["sparsegpt"]
     model = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert model.config.tie_word_embeddings and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert "quantization_config" not in json.load(open(os.path.join(out, "config.json")))
     report = json.load(open(os.path.join(out, "report.json")))
     assert len(report["linears"]) == 30 * 7

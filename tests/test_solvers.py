@@ -14,7 +14,8 @@ def _layer(out_features=64, in_features=128, tokens=2048, seed=0):
     # correlated inputs with uneven channel scales, as real activations have
     mix = torch.randn(in_features, in_features, generator=g) / in_features**0.5
     scales = torch.rand(in_features, generator=g) * 3 + 0.1
-    x = (torch.randn(tokens, in_features, generator=g) @ mix + 0.3 * torch.randn(tokens, in_features, generator=g)) * scales
+    x = (torch.randn(tokens, in_features, generator=g) @ mix + 0.3 * torch.randn(tokens, in_features,
+                                                                                 generator=g)) * scales
     w = torch.randn(out_features, in_features, generator=g)
     stats = Stats(tokens=tokens, sq_norms=(x * x).sum(0), hessian=x.t() @ x)
     return w, x, stats
@@ -164,7 +165,8 @@ def test_sparsegpt_nm_options_keep_groups_exact(constraint):
     for order in ("natural", "hessian"):
         for select in ("exact", "saliency"):
             stats.cache = {}
-            result = SOLVERS["sparsegpt"].fn(w, stats, constraint, dict(OPTIONS, sparsegpt_order=order, nm_select=select))
+            result = SOLVERS["sparsegpt"].fn(w, stats, constraint, dict(OPTIONS, sparsegpt_order=order,
+                                                                        nm_select=select))
             assert check_constraint(result.weight, constraint) is None
             assert torch.equal(result.weight == 0, result.mask)
             errors[order, select] = _error(w, result.weight, x)

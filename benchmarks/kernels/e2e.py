@@ -73,7 +73,8 @@ def main() -> None:
     print("| backend | prefill tok/s | x dense | " + " | ".join(f"decode b{b} tok/s | x dense" for b in batches) + " |")
     print("|---|---|---|" + "---|---|" * len(batches))
     for name, run in runs.items():
-        cells = [f"{run['prefill_tokens_per_s']:.0f}", f"{run['prefill_tokens_per_s'] / dense['prefill_tokens_per_s']:.2f}"]
+        cells = [f"{run['prefill_tokens_per_s']:.0f}",
+                 f"{run['prefill_tokens_per_s'] / dense['prefill_tokens_per_s']:.2f}"]
         for b in batches:
             key = f"decode_tokens_per_s_batch{b}"
             cells += [f"{run[key]:.1f}", f"{run[key] / dense[key]:.2f}"]

@@ -74,7 +74,7 @@ def main() -> None:
         except (OSError, ValueError):
             table = {}
         per_gpu = table.setdefault(info["name"], {}).setdefault(args.dtype, {})
-        for (model, layer, m), pair in best.items():
+        for (_model, _layer, m), pair in best.items():
             s = pair.get("sparse")
             choice = s["backend"] if s and s["speedup"] > 1.0 else "dense"
             n, k = (s or pair["dense"])["N"], (s or pair["dense"])["K"]

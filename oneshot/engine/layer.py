@@ -36,12 +36,14 @@ class LayerPruner:
     context manager so the hooks are removed whatever happens."""
 
     def __init__(self, linears: dict[str, nn.Module], spec, constraint: Constraint, options: dict,
-                 nbatches: int, device, error_tokens: int, *, needs_hessian: bool | None = None,
+                 nbatches: int, device, error_tokens: int, *, needs_stats: bool | None = None,
+                 needs_hessian: bool | None = None,
                  heldout_from: int | None = None, storage_dtype: torch.dtype | None = None,
                  keep_dense: bool = False, group=None, error_from_hessian: bool = False,
                  followers: dict[str, list[str]] | None = None, prefix: str = ""):
         self.linears, self.spec, self.device, self.group = linears, spec, device, group
         needs_hessian = spec.needs_hessian if needs_hessian is None else needs_hessian
+        self.needs_stats = spec.needs_stats if needs_stats is None else needs_stats
         self.stats = LayerStatistics(needs_hessian, nbatches, heldout_from)
         joint = spec.rows_apart is not None and spec.rows_apart(constraint, options) and group is None
         self.solver = LinearSolver(spec, constraint, options, device, storage_dtype=storage_dtype,
@@ -56,7 +58,7 @@ class LayerPruner:
         self.mode = PRUNE
         self.handles = []
         for name, module in linears.items():
-            if spec.needs_stats:
+            if self.needs_stats:
                 self.handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
             self.handles.append(module.register_forward_hook(self._error_hook(name)))
 
@@ -145,7 +147,7 @@ class LayerPruner:
     def solve_all(self) -> None:
         """Solve every linear now: with no statistics (magnitude) or after a :meth:`collecting` pass."""
         for name in self.linears:
-            if self.spec.needs_stats and name not in self.stats.leader:
+            if self.needs_stats and name not in self.stats.leader:
                 raise OneshotError(f"{name}: never ran in the layer's forward pass; --ignore them")
         if self.group is not None:
             self._solve_distributed()

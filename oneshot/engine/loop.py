@@ -21,6 +21,7 @@ from ..model.structure import find_decoder_layers, find_linears
 from ..runtime import free_memory, peak_memory, reuse_host_heap
 from ..solvers import SOLVERS, SolverSpec, solver_needs_hessian
 from ..tensors import all_finite, call_layer, move
+from ..updates import WEIGHT_UPDATES
 from ..updates.block import reconstruct_block
 from .batching import activation_store, plan_batches
 from .capture import Captured, StopForward, capture_inputs, layer_inputs
@@ -46,6 +47,7 @@ class _Plan:
     nbatches: int
     nsamples: int
     error_tokens: int
+    needs_stats: bool  # the solver, or a per-linear update, reads input statistics
     needs_hessian: bool
     heldout: int
     heldout_from: int | None
@@ -101,6 +103,7 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
                  store=activation_store(device, nsamples * seqlen * hidden_size * dtype_bytes, offload_activations),
                  compute=compute, storage=storage, sequential=sequential, nbatches=len(batches), nsamples=nsamples,
                  error_tokens=max(0, ERROR_TOKENS - first_window * seqlen),  # the same first tokens on any rank count
+                 needs_stats=SOLVERS[method].needs_stats or options.get("update", "none") in WEIGHT_UPDATES,
                  needs_hessian=solver_needs_hessian(method, options), heldout=heldout,
                  heldout_from=nsamples - heldout if heldout else None, block=block, group=group, ignore=tuple(ignore))
     phases = {"capture": 0.0, "prune_and_propagate": 0.0, "solve": 0.0}
@@ -196,7 +199,7 @@ def _prune_layer(plan: _Plan, i: int, prefix: str, layer, linears: dict, constra
     spec, block = plan.spec, plan.block
     nbatches = len(captured.hidden)
     pruner = LayerPruner(linears, spec, constraint, plan.options, nbatches, plan.device, plan.error_tokens,
-                         needs_hessian=plan.needs_hessian, heldout_from=plan.heldout_from,
+                         needs_stats=plan.needs_stats, needs_hessian=plan.needs_hessian, heldout_from=plan.heldout_from,
                          storage_dtype=plan.storage if plan.compute is not None else None,
                          keep_dense=block is not None, group=plan.group,
                          error_from_hessian=plan.sequential == "linear", followers=state.followers, prefix=prefix)
@@ -213,7 +216,7 @@ def _prune_layer(plan: _Plan, i: int, prefix: str, layer, linears: dict, constra
             with pruner.paused():  # the dense layer on the dense stream: no statistics, no solving
                 state.dense_stream = [call_layer(layer, h, a, kw).to(plan.store) for _, h, a, kw in inputs(view)]
             targets = state.dense_stream
-        if spec.needs_stats and plan.sequential == "layer":  # the reference way: all statistics from the dense layer
+        if plan.needs_stats and plan.sequential == "layer":  # the reference way: all statistics from the dense layer
             layer_passes += 1
             with pruner.collecting():
                 for offset, hidden, args, kwargs in inputs():
@@ -223,7 +226,7 @@ def _prune_layer(plan: _Plan, i: int, prefix: str, layer, linears: dict, constra
                         targets.append(out.to(plan.store))
         elif block is not None and state.dense_stream is None:
             targets = [call_layer(layer, h, a, kw).to(plan.store) for _, h, a, kw in inputs()]
-        if not spec.needs_stats or plan.sequential == "layer":
+        if not plan.needs_stats or plan.sequential == "layer":
             pruner.solve_all()
         if block is not None and linears:
             _block_update(plan, i, prefix, layer, linears, pruner, captured, targets, state, phases)

@@ -23,7 +23,7 @@ def owl_densities(layers, path: str, captured: Captured, device, ignore, m: floa
         linears = find_linears(layer, f"{path}.{i}", ignore)
         sums = {name: None for name in linears}
 
-        def hook(name):
+        def hook(name, sums=sums):
             def fn(module, args):
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
                 sq = (x * x).sum(0)

@@ -25,7 +25,7 @@ class RunState:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
     @classmethod
-    def from_dict(cls, state: dict) -> "RunState":
+    def from_dict(cls, state: dict) -> RunState:
         known = {k: state[k] for k in cls.__dataclass_fields__ if k in state}
         known["followers"] = known.get("followers") or {}
         return cls(**known)

@@ -40,7 +40,8 @@ def finish_hessian(hessian: torch.Tensor) -> None:
     edges = hessian_blocks(hessian.shape[0])
     for a in range(len(edges) - 1):
         for b in range(a):
-            hessian[edges[b] : edges[b + 1], edges[a] : edges[a + 1]] = hessian[edges[a] : edges[a + 1], edges[b] : edges[b + 1]].t()
+            hessian[edges[b] : edges[b + 1], edges[a] : edges[a + 1]] = hessian[edges[a] : edges[a + 1],
+                                                                                edges[b] : edges[b + 1]].t()
 
 
 def new_stats(dim: int, device, hessian: bool) -> Stats:

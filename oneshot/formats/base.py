@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-FORMATS: dict[str, "Format"] = {}
+FORMATS: dict[str, Format] = {}
 
 
 def register(cls):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from ..kernels.format24 import compress24, decompress24, packed24_nbytes
-
 from .base import Format, register
 
 

@@ -179,7 +179,7 @@ def files_bytes(directory: str, fmt: str) -> int:
 def check_format(fmt: str, sidecar: dict) -> None:
     if fmt not in FORMATS:
         raise OneshotError(f"unknown --format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    for name, layer in sidecar["layers"].items():
+    for layer in sidecar["layers"].values():
         reason = FORMATS[fmt].accepts(layer.get("pattern", sidecar.get("pattern")))
         if reason:
             raise OneshotError(reason)

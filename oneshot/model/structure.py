@@ -15,7 +15,6 @@ from torch import nn
 from ..errors import OneshotError
 
 
-
 def is_linear(module: nn.Module) -> bool:
     from transformers.pytorch_utils import Conv1D
 
@@ -99,7 +98,8 @@ def inspect_structure(config, nm: tuple[int, int] | None, ignore: list[str], tru
         with init_empty_weights():
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001
-        raise OneshotError(f"{type(config).__name__}: not a causal language model transformers can build ({exc})") from exc
+        raise OneshotError(
+            f"{type(config).__name__}: not a causal language model transformers can build ({exc})") from exc
     path, layers = find_decoder_layers(skeleton)
     shapes = {}
     for i, layer in enumerate(layers):

@@ -7,8 +7,8 @@ A new method is one new file plus one ``@register`` line.
 
 from __future__ import annotations
 
-from . import dsnot, magnitude, ria, sparsegpt, wanda  # noqa: F401  (registration side effect)
 from ..updates import WEIGHT_UPDATES
+from . import dsnot, magnitude, ria, sparsegpt, wanda  # noqa: F401  (registration side effect)
 from .base import SOLVERS, SolverResult, SolverSpec, Stats, get_solver, register
 
 __all__ = ["SOLVERS", "SolverResult", "SolverSpec", "Stats", "get_solver", "register", "solver_needs_hessian"]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -25,7 +26,7 @@ class Stats:
     sq_norms: torch.Tensor
     hessian: torch.Tensor | None = None
     sums: torch.Tensor | None = None
-    heldout: "Stats | None" = None
+    heldout: Stats | None = None
     cache: dict = field(default_factory=dict)  # derived results shared by linears with the same input
 
     def mean(self) -> torch.Tensor:

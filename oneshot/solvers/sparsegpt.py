@@ -106,7 +106,7 @@ class NMPatterns:
         self.k = pruned
 
     @classmethod
-    def of(cls, m: int, pruned: int, device) -> "NMPatterns | None":
+    def of(cls, m: int, pruned: int, device) -> NMPatterns | None:
         """None when there are more than :data:`MAX_PATTERNS`."""
         return cls(m, pruned, device) if math.comb(m, pruned) <= MAX_PATTERNS else None
 
@@ -142,7 +142,8 @@ def group_mask(w: torch.Tensor, u: torch.Tensor, patterns: NMPatterns) -> tuple[
     return patterns.mask.index_select(0, best).t(), err
 
 
-@register("sparsegpt", needs_hessian=True, summary="OBS reconstruction, 128-column lazy blocks (Frantar & Alistarh 2023)",
+@register("sparsegpt", needs_hessian=True,
+          summary="OBS reconstruction, 128-column lazy blocks (Frantar & Alistarh 2023)",
           rows_apart=lambda constraint, options: constraint.is_nm or options.get("sparsegpt_scope", "row") == "row")
 def sparsegpt(weight: torch.Tensor, stats: Stats, constraint: Constraint, options: dict) -> SolverResult:
     blocksize = int(options.get("blocksize", 128))

@@ -16,6 +16,7 @@ from torch import nn
 from ..model.structure import in_weight_layout
 from ..tensors import call_layer, move
 
+
 def slice_windows(obj, index: torch.Tensor, batch: int):
     """``obj`` (tensors in tuples/lists/dicts) with every tensor whose first dimension is the batch cut
     to ``index``; tensors shared across the batch (first dimension 1 or other) pass unchanged."""

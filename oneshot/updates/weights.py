@@ -20,7 +20,6 @@ import torch
 
 from ..solvers.base import Stats
 
-
 LSTSQ_RIDGES = (1e-3, 1e-2, 1e-1, 1.0)  # × mean diag(H)
 ADMM_CHECKPOINTS = (2, 5, 10, 20, 50)
 
@@ -92,7 +91,8 @@ def admm_candidates(dense: torch.Tensor, weight: torch.Tensor, mask: torch.Tenso
             yield f"admm {it} iterations", z.to(weight.dtype)
 
 
-def update_weight(kind: str, dense: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, stats: Stats) -> tuple[torch.Tensor, dict]:
+def update_weight(kind: str, dense: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
+                  stats: Stats) -> tuple[torch.Tensor, dict]:
     """Apply ``kind`` to the solver's ``weight``; returns the weight kept and what the report says."""
     if kind == "none":
         return weight, {}
