@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import machine  # noqa: E402
-from oneshot.engine import accumulate_hessian, hessian_blocks  # noqa: E402
+from oneshot.engine.statistics import accumulate_hessian, hessian_blocks  # noqa: E402
 
 
 def best_of(fn, n=3):

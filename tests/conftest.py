@@ -68,3 +68,20 @@ def smollm2_gguf():
     if not names:
         pytest.skip(f"no .gguf file inside {folder}")
     return os.path.join(folder, names[0])
+
+
+@pytest.fixture(scope="session")
+def smollm2_bf16(smollm2_gguf, tmp_path_factory):
+    """The bfloat16 checkpoint a user of SmolLM2-135M-Instruct has: the GGUF cast to bfloat16 and
+    written by ``save_pretrained``, with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(smollm2_gguf)
+    directory = str(tmp_path_factory.mktemp("smollm2-bf16"))
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    del model.config.quantization_config  # dequantized: a plain checkpoint from here (save_pretrained refuses GGUF)
+    model.hf_quantizer = None
+    model.to(torch.bfloat16).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(directory)
+    return directory

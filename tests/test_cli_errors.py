@@ -166,6 +166,7 @@ def test_failure_while_writing_leaves_nothing(error, tiny_factory, calib_txt, tm
     assert [p for p in os.listdir(tmp_path) if "oneshot-" in p] == []
 
 
+@pytest.mark.slow
 def test_console_script_exit_codes(tiny_factory, calib_txt, tmp_path):
     """The installed entry point: one error line on stderr and exit 2; --json on success."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")

@@ -87,6 +87,7 @@ def _hand_accuracy(model_dir, docs):
     return right / len(docs)
 
 
+@pytest.mark.slow
 def test_eval_local_task_matches_hand_accuracy_and_baseline_deltas(tiny_factory, calib_txt, tmp_path, capsys):
     model = tiny_factory("llama")
     tasks, docs = _local_task(tmp_path)

@@ -105,6 +105,7 @@ def test_triton_kernel_matches_reference(m, n, k, dtype):
     assert torch.allclose(got.float(), want, rtol=tol, atol=tol * max(1.0, float(want.abs().max())))
 
 
+@pytest.mark.slow
 def test_triton_kernel_compiles_for_sm90():
     _need_triton()
     import os

