@@ -62,14 +62,32 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
         config = PruneConfig.from_options(model, out, **options)
     cfg = config.validate()
     started = time.perf_counter()
-    phases = {}
     if plot:
         if cfg.out is None:
             raise OneshotError("--plot writes report.png into the output: it needs --out")
         check_plotting()
     evaluator = Evaluator(evaluation, progress) if evaluation is not None else None  # text and tasks, up front
+    run = _prepare(cfg, started, progress)
+    group = run.group
+    if cfg.out is None or (group is not None and not group.is_writer):  # under torchrun rank 0 writes
+        run.prune()
+        report = run.finish(None)
+    else:
+        report = _prune_into(run, cfg, plot)
+    result = PruneResult(run.result_model(), run.tokenizer, report, report["out"])
+    if group is not None:
+        teardown_distributed(group)
+        if not group.is_writer:
+            return result
+    if evaluator is not None:
+        _evaluate(result, run, evaluator, evaluation, eval_baseline)
+    return result
 
-    # --- everything that can fail fast, before the weights are read
+
+def _prepare(cfg: PruneConfig, started: float, progress: bool) -> Run:
+    """Everything that can fail fast, before any weight is read: the model's source, config and
+    structure, the device and the process group, the load plan, the memory guard, the tokenizer and
+    the calibration windows."""
     t = time.perf_counter()
     source = resolve_source(cfg.model)
     calib_kind = describe_source(cfg.calib)
@@ -98,7 +116,7 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
     calibration: Calibration | None = None
     if calib_kind != "self":
         calibration = load_calibration(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.text_field)
-    phases["prepare"] = time.perf_counter() - t
+    phases = {"prepare": time.perf_counter() - t}
     run = Run(cfg, source, structure, device, tokenizer, calibration, streamed, phases, started, progress)
     run.group = group
     if group is not None:
@@ -110,47 +128,48 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
         "memory_estimate": {"host_bytes": memory["host_bytes"], "device_bytes": memory["device_bytes"],
                             **{f"{k}_bytes": v for k, v in memory["parts"].items()}},
     }
-
-    if cfg.out is None or (group is not None and not group.is_writer):  # under torchrun rank 0 writes
-        run.prune()
-        report = run.finish(None)
-    else:
-        fp = fingerprint(cfg, model_files(source.path, source.kind, source.gguf_file), str(device), streaming)
-        partial = partial_dir(cfg.out)
-        if not cfg.resume and os.path.isdir(partial):
-            shutil.rmtree(partial)  # an earlier run's leftovers: this run starts over
-        with atomic_output_dir(cfg.out, cfg.overwrite, partial=partial, keep_if=Journal.finished_in) as tmp:
-            journal = Journal(tmp)
-            if cfg.resume and Journal.finished_in(tmp):
-                journal.open(fp)  # refuses a different configuration, before any weight is read
-                run.resume_from(journal)
-            else:
-                for name in os.listdir(tmp):  # a journal with no finished layer: nothing worth keeping
-                    path = os.path.join(tmp, name)
-                    (shutil.rmtree if os.path.isdir(path) else os.remove)(path)
-                run.journal_new(journal, fp)
-            run.prune(tmp)
-            report = run.finish(tmp)
-            if plot:
-                plot_report(report, os.path.join(tmp, "report.png"))
-    result = PruneResult(run.result_model(), tokenizer, report, report["out"])
-    if group is not None:
-        teardown_distributed(group)
-        if not group.is_writer:
-            return result
-    if evaluator is not None:
-        t = time.perf_counter()  # a streamed run's model is loaded from the output here (PruneResult.model)
-        report["eval"] = {"config": evaluation.to_dict(), "pruned": evaluator(result.model, tokenizer, device)}
-        if eval_baseline:
-            dense_model = load_model(source, cfg.dtype, cfg.trust_remote_code)
-            report["eval"]["dense"] = evaluator(dense_model, tokenizer, device)
-            report["eval"]["delta"] = compare(report["eval"]["pruned"], report["eval"]["dense"])
-            del dense_model
-        report["phases_seconds"]["eval"] = round(time.perf_counter() - t, 3)
-        if cfg.out is not None:  # the output is complete already; the report gains the results atomically
-            path = os.path.join(cfg.out, REPORT)
-            write_json(path + ".tmp", report)
-            os.replace(path + ".tmp", path)
-    return result
+    return run
 
 
+def _prune_into(run: Run, cfg: PruneConfig, plot: bool) -> dict:
+    """Prune into the partial directory beside ``--out`` (journaled; resumed with ``--resume``) and
+    rename it into place once complete; returns the report."""
+    source = run.source
+    fp = fingerprint(cfg, model_files(source.path, source.kind, source.gguf_file), str(run.device),
+                     run.streamed is not None)
+    partial = partial_dir(cfg.out)
+    if not cfg.resume and os.path.isdir(partial):
+        shutil.rmtree(partial)  # an earlier run's leftovers: this run starts over
+    with atomic_output_dir(cfg.out, cfg.overwrite, partial=partial, keep_if=Journal.finished_in) as tmp:
+        journal = Journal(tmp)
+        if cfg.resume and Journal.finished_in(tmp):
+            journal.open(fp)  # refuses a different configuration, before any weight is read
+            run.resume_from(journal)
+        else:
+            for name in os.listdir(tmp):  # a journal with no finished layer: nothing worth keeping
+                path = os.path.join(tmp, name)
+                (shutil.rmtree if os.path.isdir(path) else os.remove)(path)
+            run.journal_new(journal, fp)
+        run.prune(tmp)
+        report = run.finish(tmp)
+        if plot:
+            plot_report(report, os.path.join(tmp, "report.png"))
+    return report
+
+
+def _evaluate(result: PruneResult, run: Run, evaluator: Evaluator, evaluation: EvalConfig, baseline: bool) -> None:
+    """``report["eval"]``: the pruned model measured (and the dense one with ``baseline``); written into
+    the output's report.json atomically (the output is complete already)."""
+    cfg, report = run.cfg, result.report
+    t = time.perf_counter()  # a streamed run's model is loaded from the output here (PruneResult.model)
+    report["eval"] = {"config": evaluation.to_dict(), "pruned": evaluator(result.model, run.tokenizer, run.device)}
+    if baseline:
+        dense_model = load_model(run.source, cfg.dtype, cfg.trust_remote_code)
+        report["eval"]["dense"] = evaluator(dense_model, run.tokenizer, run.device)
+        report["eval"]["delta"] = compare(report["eval"]["pruned"], report["eval"]["dense"])
+        del dense_model
+    report["phases_seconds"]["eval"] = round(time.perf_counter() - t, 3)
+    if cfg.out is not None:
+        path = os.path.join(cfg.out, REPORT)
+        write_json(path + ".tmp", report)
+        os.replace(path + ".tmp", path)

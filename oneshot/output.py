@@ -87,13 +87,17 @@ def write_json(path: str, data: dict) -> None:
         fh.write("\n")
 
 
-def default_out(name: str, method: str, pattern: str, sparsity: float, resume: bool = False, parent: str = ".") -> str:
+def default_out(name: str, method: str, pattern: str, sparsity: float, resume: bool = False,
+                overwrite: bool = False, parent: str = ".") -> str:
     """``--out`` when none is given: ``NAME-METHOD-50`` (``-2of4`` for N:M) in ``parent``, never an existing
-    output: ``-2``, ``-3`` … are appended. With ``resume``, the first candidate whose partial directory
-    is there (the run being resumed), if any."""
+    output: ``-2``, ``-3`` … are appended. With ``overwrite``, ``NAME-METHOD-50`` itself (to be
+    replaced); with ``resume``, the first candidate whose partial directory is there (the run being
+    resumed), if any."""
     tag = pattern.replace(":", "of") if ":" in pattern else f"{round(sparsity * 100):g}"
     stem = os.path.join(parent, f"{name}-{method}-{tag}")
     candidates = [stem] + [f"{stem}-{k}" for k in range(2, 1000)]
+    if overwrite and not resume:
+        return stem
     if resume:
         for candidate in candidates:
             if os.path.isdir(partial_dir(candidate)):

@@ -5,20 +5,29 @@ from __future__ import annotations
 import torch
 
 
+def map_tensors(obj, fn):
+    """``obj`` with ``fn`` applied to every tensor nested in its tuples, lists and dicts."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
 def move(obj, device, dtype: torch.dtype | None = None):
     """``obj`` (tensors, nested in tuples, lists and dicts) on ``device``; floating tensors also cast
     to ``dtype`` when it is given (the compute dtype of a layer run in another dtype than stored)."""
-    if isinstance(obj, torch.Tensor):
-        if dtype is not None and obj.is_floating_point():
-            return obj.to(device=device, dtype=dtype)
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(move(o, device, dtype) for o in obj)
-    if isinstance(obj, list):
-        return [move(o, device, dtype) for o in obj]
-    if isinstance(obj, dict):
-        return {k: move(v, device, dtype) for k, v in obj.items()}
-    return obj
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and t.is_floating_point():
+            return t.to(device=device, dtype=dtype)
+        return t.to(device)
+
+    return map_tensors(obj, one)
 
 
 def call_layer(layer, hidden, args, kwargs) -> torch.Tensor:

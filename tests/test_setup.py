@@ -113,3 +113,6 @@ def test_default_output_directory_never_clobbers(tiny_factory, calib_txt, tmp_pa
     assert main(args) == 0 and main(args) == 0 and main(args + ["--pattern", "2:4"]) == 0
     assert sorted(os.listdir(tmp_path)) == [f"{name}-sparsegpt-2of4", f"{name}-sparsegpt-50",
                                             f"{name}-sparsegpt-50-2"]
+    assert main(args + ["--overwrite"]) == 0  # replaces the first one: the quick start's rerun changes nothing
+    assert sorted(os.listdir(tmp_path)) == [f"{name}-sparsegpt-2of4", f"{name}-sparsegpt-50",
+                                            f"{name}-sparsegpt-50-2"]

@@ -14,21 +14,13 @@ import torch
 from torch import nn
 
 from ..model.structure import in_weight_layout
-from ..tensors import call_layer, move
+from ..tensors import call_layer, map_tensors, move
 
 
 def slice_windows(obj, index: torch.Tensor, batch: int):
     """``obj`` (tensors in tuples/lists/dicts) with every tensor whose first dimension is the batch cut
     to ``index``; tensors shared across the batch (first dimension 1 or other) pass unchanged."""
-    if isinstance(obj, torch.Tensor):
-        return obj[index] if obj.dim() > 0 and obj.shape[0] == batch and batch > 1 else obj
-    if isinstance(obj, tuple):
-        return tuple(slice_windows(o, index, batch) for o in obj)
-    if isinstance(obj, list):
-        return [slice_windows(o, index, batch) for o in obj]
-    if isinstance(obj, dict):
-        return {k: slice_windows(v, index, batch) for k, v in obj.items()}
-    return obj
+    return map_tensors(obj, lambda t: t[index] if t.dim() > 0 and t.shape[0] == batch and batch > 1 else t)
 
 
 def _windows(hidden: list[torch.Tensor], args: list, device) -> list[tuple]:
