@@ -24,10 +24,10 @@ from benchmarks.common import ROOT, VALID, machine, smollm2_gguf  # noqa: E402
 
 def inner(setting: str, pattern: str, out: str) -> None:
     """One prune in this process; ``default`` swaps the heap setting for a no-op."""
-    import oneshot.engine
+    import oneshot.engine.loop
 
     if setting == "default":
-        oneshot.engine.reuse_host_heap = lambda enabled=True: contextlib.nullcontext()
+        oneshot.engine.loop.reuse_host_heap = lambda enabled=True: contextlib.nullcontext()
     from oneshot.cli import main
 
     extra = [] if pattern == "unstructured" else ["--pattern", pattern]

@@ -6,7 +6,7 @@ import os
 import shutil
 import time
 
-from .calibration import Calibration, describe_source, load_calibration
+from .calibration import Calibration, describe_source, read_calibration, tokenize_calibration
 from .config import EvalConfig, PruneConfig
 from .distributed import Group
 from .distributed import check as check_distributed
@@ -91,6 +91,9 @@ def _prepare(cfg: PruneConfig, started: float, progress: bool) -> Run:
     t = time.perf_counter()
     source = resolve_source(cfg.model)
     calib_kind = describe_source(cfg.calib)
+    calib_text = None  # read first: a hub dataset that cannot be reached fails before anything else
+    if calib_kind != "self":
+        calib_text = read_calibration(cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.text_field)
     hf_config = load_config(source, cfg.trust_remote_code)
     limit = context_length(hf_config)
     if limit is not None and cfg.seqlen > limit:
@@ -114,8 +117,8 @@ def _prepare(cfg: PruneConfig, started: float, progress: bool) -> Run:
         check_memory(cfg, memory, device)
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     calibration: Calibration | None = None
-    if calib_kind != "self":
-        calibration = load_calibration(cfg.calib, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.text_field)
+    if calib_text is not None:
+        calibration = tokenize_calibration(calib_text, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
     phases = {"prepare": time.perf_counter() - t}
     run = Run(cfg, source, structure, device, tokenizer, calibration, streamed, phases, started, progress)
     run.group = group

@@ -141,20 +141,36 @@ def windows_from_tokens(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: 
     return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
 
 
-def load_calibration(spec: str, tokenizer, nsamples: int, seqlen: int, seed: int,
-                     text_field: str = "text") -> Calibration:
-    """Token windows from a text source (everything but ``self``, which needs the model)."""
+@dataclass
+class CalibrationText:
+    """A source's documents, read before the model is touched (a source that cannot be read fails
+    first), and a note when another source stood in for the one asked for."""
+
+    spec: str
+    texts: list[str]
+    fallback: str | None = None
+
+
+def read_calibration(spec: str, nsamples: int, seqlen: int, seed: int, text_field: str = "text") -> CalibrationText:
+    """The documents of a text source (everything but ``self``, which needs the model)."""
     budget = nsamples * seqlen * 6 * 4  # ~4 characters a token, 6x the windows' tokens to sample from
     texts, fallback = _load_texts(spec, text_field, budget, seed)
-    text = "\n\n".join(texts)
-    tokens = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
-    ids = windows_from_tokens(tokens, nsamples, seqlen, seed, repr(spec))
-    info = {"source": "bundled" if fallback else spec, **({"requested": spec, "note": fallback} if fallback else {})}
+    return CalibrationText(spec, texts, fallback)
+
+
+def tokenize_calibration(text: CalibrationText, tokenizer, nsamples: int, seqlen: int, seed: int) -> Calibration:
+    """Token windows ``[nsamples, seqlen]`` at seeded random offsets of the tokenized documents."""
+    joined = "\n\n".join(text.texts)
+    tokens = torch.tensor(tokenizer(joined, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    ids = windows_from_tokens(tokens, nsamples, seqlen, seed, repr(text.spec))
+    fallback = text.fallback
+    info = {"source": "bundled" if fallback else text.spec,
+            **({"requested": text.spec, "note": fallback} if fallback else {})}
     return Calibration(
         ids,
         {
             **info,
-            "documents": len(texts),
+            "documents": len(text.texts),
             "tokens_available": int(tokens.numel()),
             "nsamples": nsamples,
             "seqlen": seqlen,
@@ -162,6 +178,13 @@ def load_calibration(spec: str, tokenizer, nsamples: int, seqlen: int, seed: int
             "seed": seed,
         },
     )
+
+
+def load_calibration(spec: str, tokenizer, nsamples: int, seqlen: int, seed: int,
+                     text_field: str = "text") -> Calibration:
+    """Token windows from a text source: :func:`read_calibration` then :func:`tokenize_calibration`."""
+    return tokenize_calibration(read_calibration(spec, nsamples, seqlen, seed, text_field), tokenizer, nsamples,
+                                seqlen, seed)
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ def _prune_parser(sub) -> None:
     o = p.add_argument_group("what to prune and how")
     _opt(o, "--out", "output directory (must be new or empty unless --overwrite)", shown="MODEL-METHOD-SPARSITY in "
          "the current directory, -2, -3 ... appended rather than touch an existing one (with --overwrite: replaced)")
-    _opt(o, "--preset", "a tested combination of options (README, 'Presets'); explicit options override it",
+    _opt(o, "--preset", "a tested combination of options (docs/methods.md, Presets); explicit options override it",
          choices=tuple(PRESETS))
     _opt(o, "--method", "solver: sparsegpt, wanda, magnitude, ria, dsnot")
     _opt(o, "--sparsity", "fraction of weights to zero, 0<s<1", type=float, shown=0.5)

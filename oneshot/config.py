@@ -230,7 +230,7 @@ class PruneConfig:
         return dataclasses.asdict(self)
 
 
-# Tested combinations (README, "Presets"); every explicit option overrides its preset's value.
+# Tested combinations (docs/methods.md, "Presets"); every explicit option overrides its preset's value.
 PRESETS: dict[str, dict] = {
     "fast": {"method": "wanda"},
     "balanced": {"method": "sparsegpt"},

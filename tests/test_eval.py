@@ -126,6 +126,30 @@ def test_prune_eval_records_results_in_report(tiny_factory, calib_txt, tmp_path)
     assert ev["pruned"]["perplexity"]["perplexity"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_eval_baseline_alone_implies_eval_and_a_bf16_model_is_computed_in_float32(tiny_factory, calib_txt, tmp_path,
+                                                                                   capsys):
+    """`--eval-baseline` implies `--eval`; by default only the perplexity is measured (no zero-shot task),
+    and on the CPU a 16-bit model is computed in float32, which the result and the table say."""
+    out = tmp_path / "o"
+    src = tiny_factory("llama", "bfloat16")
+    rc = main(["prune", src, "--calib", calib_txt, "--nsamples", "4", "--seqlen", "32", "--out", str(out),
+               "--eval-baseline", "--ppl", calib_txt, "--eval-seqlen", "64"])
+    assert rc == 0
+    ev = json.loads((out / "report.json").read_text())["eval"]
+    assert set(ev) >= {"pruned", "dense", "delta"} and "tasks" not in ev["pruned"]
+    assert ev["dense"]["dtype"] == "bfloat16" and ev["dense"]["compute_dtype"] == "float32"
+    err = capsys.readouterr().err
+    assert "dense: bfloat16 weights computed in float32 on the CPU" in err
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from oneshot.evaluate import perplexity, tokenize_text
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    tokens = tokenize_text(AutoTokenizer.from_pretrained(src), open(calib_txt).read())
+    expected = perplexity(model, tokens, 64)["perplexity"]
+    assert ev["dense"]["perplexity"]["perplexity"] == pytest.approx(expected, rel=1e-6)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--ppl", "missing.txt"], "not wikitext2, c4, none"),
     (["--ppl", "none", "--tasks", "no_such_task"], "unknown lm-eval task"),

@@ -67,6 +67,29 @@ def test_offline_hub_id_fails_fast_with_one_line(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("calib", ["c4", "hf:allenai/c4"])
+def test_offline_hub_calibration_fails_first_with_one_line(calib, tiny_factory, tmp_path, capsys, no_weights):
+    """A hub dataset that is not cached, offline: one line, before the model's config is even read."""
+    src = tiny_factory("llama")
+    capsys.readouterr()
+    start = time.monotonic()
+    rc = main(["prune", src, "--calib", calib, "--out", str(tmp_path / "o")])
+    elapsed = time.monotonic() - start
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and "could not load dataset 'allenai/c4'" in err[0], err
+    assert elapsed < 5 and not no_weights, elapsed
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Records any read of a model's config: these failures must come before it."""
+    from oneshot import api
+
+    calls = []
+    monkeypatch.setattr(api, "load_config", lambda *a, **k: calls.append(a))
+    return calls
+
+
 def test_short_name_resolves_to_the_packaged_gguf(smollm2_gguf):
     from oneshot.model.source import resolve_source
 
