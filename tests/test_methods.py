@@ -259,6 +259,26 @@ def test_presets_and_overrides():
             PruneConfig.from_options("m", **bad).validate()
 
 
+def test_cli_defaults_are_the_config_defaults_and_never_override_a_preset(monkeypatch):
+    """One source for every default: the CLI passes only what was given, so a preset's values survive
+    and an empty command line gives PruneConfig's own defaults."""
+    import dataclasses
+
+    from oneshot import cli, config
+
+    monkeypatch.setitem(config.PRESETS, "probe", {"nsamples": 7, "seqlen": 64, "sequential": "layer", "calib": "x"})
+    args = cli.build_parser().parse_args(["prune", "m", "--preset", "probe"])
+    skip = ("command", "model", "out", "preset", "quiet", "json", "plot", "eval", "eval_baseline") + cli.EVAL_FLAGS
+    given = {k: v for k, v in vars(args).items() if k not in skip}
+    assert all(v is None for v in given.values()), {k: v for k, v in given.items() if v is not None}
+    cfg = PruneConfig.from_options("m", None, "probe", **given)
+    assert (cfg.nsamples, cfg.seqlen, cfg.sequential, cfg.calib) == (7, 64, "layer", "x")
+    plain = PruneConfig.from_options("m", None, None, **given)
+    for f in dataclasses.fields(PruneConfig):
+        if f.name not in ("model", "out", "preset"):
+            assert getattr(plain, f.name) == getattr(PruneConfig(model="m"), f.name), f.name
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--allocation", "owl", "--pattern", "2:4"], "unstructured"),
     (["--ria-permute", "--pattern", "2:4"], "--method ria"),
