@@ -1,4 +1,4 @@
-"""glibc's default heap against `oneshot.engine.reuse_host_heap`, the setting `oneshot prune` uses
+"""glibc's default heap against `oneshot.runtime.reuse_host_heap`, the setting `oneshot prune` uses
 while the layers run on the CPU: the issue-2 SparseGPT runs on SmolLM2-135M (32 x 512 calibration
 tokens of the shared WikiText-2 validation text), each setting in its own process.
 

@@ -17,9 +17,10 @@ def resolve_device(name: str) -> torch.device:
 
 def compute_dtype_for(storage: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype a layer (or a model under evaluation) runs in: float32 for 16-bit weights on the CPU,
-    where bfloat16 and float16 matmuls without AVX512-BF16/AMX run at a fraction of a GFLOP/s
-    (``benchmarks/cpu_dtypes.py``); else the stored one. Pruned weights are rounded to the stored
-    dtype as they are written, so the output keeps it."""
+    so that the CPU never changes a result, and because bfloat16 and float16 matmuls on CPUs without
+    AVX512-BF16/AMX run at a fraction of a GFLOP/s (with AMX bfloat16 is the faster one:
+    ``benchmarks/cpu_dtypes.py``, RESULTS.md); else the stored one. Pruned weights are rounded to the
+    stored dtype as they are written, so the output keeps it."""
     if torch.device(device).type == "cpu" and storage in (torch.float16, torch.bfloat16):
         return torch.float32
     return storage
