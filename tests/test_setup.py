@@ -4,7 +4,6 @@ the bundled data work with no network, and an offline hub fails at once with one
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -45,7 +44,10 @@ def test_source_tree_without_install_finds_oneshot_kernels(tmp_path):
 
 def test_offline_hub_id_fails_fast_with_one_line(tmp_path, capsys, monkeypatch):
     """No network (here the probe is pointed at a closed local port): a hub id that is not cached fails
-    in well under 5 s with one line, and nothing is written."""
+    with one line, and nothing is written; the hub libraries were put in offline mode, so nothing
+    retried (how fast: ``benchmarks/offline.py``)."""
+    import huggingface_hub.constants
+
     from oneshot import hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -53,31 +55,30 @@ def test_offline_hub_id_fails_fast_with_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache
     hub.forget()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     try:
-        start = time.monotonic()
         rc = main(["prune", "HuggingFaceTB/SmolLM2-135M", "--sparsity", "0.5", "--out", str(tmp_path / "o")])
-        elapsed = time.monotonic() - start
+        went_offline = huggingface_hub.constants.HF_HUB_OFFLINE
     finally:
         hub.forget()
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1 and err[0].startswith("oneshot: error: model 'HuggingFaceTB/SmolLM2-135M'")
     assert "not in the local Hugging Face cache" in err[0] and "127.0.0.1:9 cannot be reached" in err[0]
-    assert elapsed < 5, elapsed
+    assert went_offline is True
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("calib", ["c4", "hf:allenai/c4"])
 def test_offline_hub_calibration_fails_first_with_one_line(calib, tiny_factory, tmp_path, capsys, no_weights):
-    """A hub dataset that is not cached, offline: one line, before the model's config is even read."""
+    """A hub dataset that is not cached, offline: one line, before the model's config is even read
+    (how fast: ``benchmarks/offline.py``)."""
     src = tiny_factory("llama")
     capsys.readouterr()
-    start = time.monotonic()
     rc = main(["prune", src, "--calib", calib, "--out", str(tmp_path / "o")])
-    elapsed = time.monotonic() - start
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1 and "could not load dataset 'allenai/c4'" in err[0], err
-    assert elapsed < 5 and not no_weights, elapsed
+    assert not no_weights
 
 
 @pytest.fixture
