@@ -12,6 +12,7 @@ from .distributed import Group
 from .distributed import check as check_distributed
 from .distributed import setup as setup_distributed
 from .distributed import teardown as teardown_distributed
+from .engine.moe import check_removal
 from .errors import OneshotError
 from .evaluate import Evaluator, compare
 from .formats.store import REPORT
@@ -99,6 +100,7 @@ def _prepare(cfg: PruneConfig, started: float, progress: bool) -> Run:
     if limit is not None and cfg.seqlen > limit:
         raise OneshotError(f"--seqlen {cfg.seqlen} is beyond the model's context of {limit} tokens")
     structure = inspect_structure(hf_config, cfg.nm, cfg.ignore, cfg.trust_remote_code)
+    check_moe(cfg, structure, hf_config)
     group, device_name = setup_distributed(cfg.device)
     check_distributed(cfg, group)
     device = resolve_device(device_name)
@@ -132,6 +134,17 @@ def _prepare(cfg: PruneConfig, started: float, progress: bool) -> Run:
                             **{f"{k}_bytes": v for k, v in memory["parts"].items()}},
     }
     return run
+
+
+def check_moe(cfg: PruneConfig, structure: dict, hf_config) -> None:
+    """Mixture-of-experts options against the model, before any weight is read."""
+    moe = structure.get("moe")
+    cfg.mode_for(moe is not None)
+    if cfg.remove_experts is None:
+        return
+    if moe is None:
+        raise OneshotError(f"--remove-experts: {structure['architecture']} has no mixture-of-experts layers")
+    check_removal(cfg.remove_experts, moe["experts"], getattr(hf_config, "text_config", None) or hf_config)
 
 
 def _prune_into(run: Run, cfg: PruneConfig, plot: bool) -> dict:

@@ -53,7 +53,8 @@ def _prune_parser(sub) -> None:
     _opt(o, "--device", "auto, cpu, cuda or cuda:N")
     _opt(o, "--batch-size", "windows per forward; 0: all of them when one forward fits in a quarter of the free "
          "memory, else as many as fit", type=int)
-    _opt(o, "--ignore", "skip linears whose full name matches (repeatable), e.g. 'mlp\\.down_proj'",
+    _opt(o, "--ignore", "keep dense the matrices (linears, experts' matrices, other block weights) whose full name "
+         "matches (repeatable), e.g. 'mlp\\.down_proj' or 'experts\\.0\\.'",
          action="append", metavar="REGEX")
     g = p.add_argument_group("sparsegpt and magnitude")
     _opt(g, "--blocksize", "sparsegpt column block", type=int)
@@ -89,6 +90,13 @@ def _prune_parser(sub) -> None:
     _opt(g, "--block-batch", "block: windows per step", type=int)
     _opt(g, "--block-target", "block: match the dense model's hidden state at this depth (model) or the dense "
          "block on the same inputs (layer)", choices=("layer", "model"))
+    g = p.add_argument_group("mixture-of-experts models")
+    _opt(g, "--moe-calibrate", "each expert's statistics from every calibration token (all) or only those its router "
+         "sends it (routed); the layer's output always keeps the real routing", choices=("all", "routed"))
+    _opt(g, "--remove-experts", "remove this fraction of every MoE layer's experts (a smaller ordinary checkpoint)",
+         type=float, metavar="FRACTION")
+    _opt(g, "--expert-score", "which experts --remove-experts removes: lowest REAP saliency (mean router weight x "
+         "output norm over routed tokens) or fewest routed tokens", choices=("reap", "frequency"))
     g = p.add_argument_group("output")
     _opt(g, "--format", "weights on disk: dense (plain transformers loads it), packed24 (2:4 only, 56% of 16-bit "
          "dense), bitmask (any pattern)")
@@ -198,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _summary(report: dict) -> str:
+    from .coverage import summary_lines
     from .report import summary_table
 
     lines = [summary_table(report), "",
@@ -217,6 +226,7 @@ def _summary(report: dict) -> str:
     if report.get("distributed"):
         lines.append(f"  distributed: {report['distributed']['world_size']} ranks "
                      f"({report['distributed']['backend']})")
+    lines += summary_lines(report)
     for note in report["notes"]:
         lines.append(f"  note: {note}")
     return "\n".join(lines)

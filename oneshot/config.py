@@ -71,6 +71,10 @@ class PruneConfig:
     block_batch: int = 2
     block_target: str = "model"
     preset: str | None = None
+    # mixture-of-experts models
+    moe_calibrate: str = "all"  # expert statistics from every token (llm-compressor's default) or "routed" ones
+    remove_experts: float | None = None  # fraction of each MoE layer's experts to remove
+    expert_score: str = "reap"  # which experts to remove: REAP saliency or routed-token frequency
     # output
     format: str = "dense"  # on-disk weight format: dense, packed24, bitmask (oneshot.formats)
     memory_check: bool = True  # refuse runs whose estimated peak memory exceeds what is available
@@ -169,6 +173,14 @@ class PruneConfig:
                 f"--update {self.update} holds out calibration windows to judge it: needs --nsamples >= 2")
         if self.block_epochs < 0 or self.block_lr <= 0 or self.block_batch <= 0:
             raise OneshotError("--block-epochs must be >= 0, --block-lr and --block-batch > 0")
+        if self.moe_calibrate not in ("all", "routed"):
+            raise OneshotError(f"--moe-calibrate must be 'all' or 'routed', got {self.moe_calibrate!r}")
+        if self.expert_score not in ("reap", "frequency"):
+            raise OneshotError(f"--expert-score must be 'reap' or 'frequency', got {self.expert_score!r}")
+        if self.remove_experts is not None and (not isinstance(self.remove_experts, (int, float))
+                                                or math.isnan(self.remove_experts) or not 0 < self.remove_experts < 1):
+            raise OneshotError(f"--remove-experts must be a fraction strictly between 0 and 1, "
+                               f"got {self.remove_experts}")
         if self.block_target not in ("layer", "model"):
             raise OneshotError(f"--block-target must be 'layer' or 'model', got {self.block_target!r}")
         if self.load not in ("auto", "stream", "full"):
@@ -214,10 +226,21 @@ class PruneConfig:
         SmolLM2-135M in about two thirds of the time (2:4 with act-order and exact group selection:
         62.84 with ``linear``, 63.29 with ``layer``, RESULTS.md 2:4 ablation); ``layer`` for the other methods
         (Wanda 2:4 measured worse with ``linear``) and whenever the block update needs the dense
-        layer's outputs."""
+        layer's outputs. Mixture-of-experts models always take ``layer`` (:meth:`mode_for`)."""
         if self.sequential != "auto":
             return self.sequential
         return "linear" if self.method == "sparsegpt" and self.update != "block" else "layer"
+
+    def mode_for(self, moe: bool) -> str:
+        """:attr:`sequential_mode` for a model with (``moe``) or without experts: an expert's
+        statistics come from a pass of the dense layer (every expert's first, then each matrix's in turn
+        would take a forward pass per expert), so ``auto`` is ``layer`` there and ``linear`` is refused."""
+        if not moe:
+            return self.sequential_mode
+        if self.sequential == "linear":
+            raise OneshotError("--sequential linear is not supported on mixture-of-experts models (each expert would "
+                               "take its own forward pass); use --sequential layer (the default there)")
+        return "layer"
 
     @property
     def heldout_windows(self) -> int:

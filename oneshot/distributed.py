@@ -84,6 +84,9 @@ def check(cfg, group: Group | None) -> None:
         raise OneshotError("--resume is not supported with torchrun yet (each rank holds its own activations)")
     if cfg.calib == "self":
         raise OneshotError("--calib self is not supported with torchrun; give a calibration text")
+    if cfg.moe_calibrate == "routed":
+        raise OneshotError("--moe-calibrate routed is not supported with torchrun yet (which experts fall back "
+                           "to every token would differ by rank); use --moe-calibrate all")
 
 
 def teardown(group: Group | None) -> None:

@@ -28,7 +28,8 @@ def summary_table(report: dict) -> str:
         errors = [e["relative_error"] for e in entries]
         worst = max(entries, key=lambda e: e["relative_error"])
         lines.append(f"{block:>5}  {len(entries):>7}  {weights:>11,}  {zeros / weights:>8.4f}  "
-                     f"{sum(errors) / len(errors):>8.4f}  {max(errors):>8.4f}  {worst['name'].split('.')[-1]}")
+                     f"{sum(errors) / len(errors):>8.4f}  {max(errors):>8.4f}  "
+                     f"{'.'.join(worst['name'].split('.')[-3 if 'expert' in worst else -1:])}")
     storage = report.get("storage", {})
     lines += [
         "",

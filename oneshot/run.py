@@ -12,9 +12,12 @@ import torch
 
 from .calibration import Calibration, generate_calibration
 from .config import PruneConfig
+from .coverage import coverage, experts_summary
 from .engine import LayerIO, prune_layers
+from .engine.moe import replay_removals
 from .errors import OneshotError
-from .formats.store import PERMUTATIONS, REPORT, SIDECAR, describe_storage, rewrite
+from .formats.ondisk import on_disk
+from .formats.store import PERMUTATIONS, REPORT, SIDECAR, describe_storage, read_raw, rewrite
 from .journal import Journal
 from .model.source import load_model
 from .model.structure import find_decoder_layers, is_linear, stores_transposed
@@ -46,11 +49,26 @@ def sparsity_metadata(report: dict, transposed: set[str] = frozenset()) -> dict:
         "oneshot_version": report["versions"]["oneshot"],
         "layers": {
             entry["name"]: {"sparsity": entry["sparsity"], "zeros": entry["zeros"], "pattern": report["pattern"],
-                            **({"transposed": True} if entry["name"] in transposed else {}),
+                            **({"tensor": entry["tensor"], "expert": entry["expert"], "in_features": entry["shape"][1]}
+                               if "expert" in entry else {}),
+                            **({"transposed": True} if entry["name"] in transposed or entry.get("transposed") else {}),
                             **({"input_permutation": PERMUTATIONS} if entry.get("permuted") else {})}
             for entry in report["linears"]
         },
     }
+
+
+def source_bytes(source) -> int | None:
+    """Bytes of the source checkpoint's weight files (safetensors, or the GGUF file), None if not local."""
+    path = getattr(source, "path", None)
+    if path and getattr(source, "gguf_file", None):
+        path = os.path.join(path, source.gguf_file)
+    if path and os.path.isfile(path):
+        return os.path.getsize(path)
+    if path and os.path.isdir(path):
+        files = [f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".gguf"))]
+        return sum(os.path.getsize(os.path.join(path, f)) for f in files) or None
+    return None
 
 
 def solver_options(cfg: PruneConfig) -> dict:
@@ -109,11 +127,13 @@ class Run:
             self.model, self.io = self.streamed.model, StreamIO(self.streamed)
         else:
             self.model, self.io = load_model(self.source, cfg.dtype, cfg.trust_remote_code), LayerIO()
-            if self.resume is not None:  # layers the partial run finished, as it wrote them
-                path, layers = find_decoder_layers(self.model)
-                for i in range(self.resume["finished"]):
-                    prefix = f"{path}.{i}."
-                    layers[i].load_state_dict({k[len(prefix):]: v for k, v in self.journal.layer(i).items()})
+        if self.resume is not None:  # experts the partial run removed: the finished layers' shapes
+            replay_removals(self.model, self.resume.get("experts_removed") or [])
+        if self.streamed is None and self.resume is not None:  # layers the partial run finished, as it wrote them
+            path, layers = find_decoder_layers(self.model)
+            for i in range(self.resume["finished"]):
+                prefix = f"{path}.{i}."
+                layers[i].load_state_dict({k[len(prefix):]: v for k, v in self.journal.layer(i).items()})
         self.phases["load"] = time.perf_counter() - t
         if self.calibration is None:
             t = time.perf_counter()
@@ -131,7 +151,8 @@ class Run:
         if tmp is not None and self.streamed is not None:
             self.writer = ShardWriter(tmp, cfg.format, self.structure["num_layers"], self.model)
         torch.manual_seed(cfg.seed)
-        input_ids, first, sequential = self.calibration.input_ids, 0, cfg.sequential_mode
+        sequential = cfg.mode_for(self.structure.get("moe") is not None)
+        input_ids, first = self.calibration.input_ids, 0
         if self.group is not None:  # this rank's windows; statistics of the dense layer, summed over ranks
             first, stop = self.group.windows(input_ids.shape[0])
             input_ids, sequential = input_ids[first:stop], "layer"
@@ -159,6 +180,7 @@ class Run:
             group=self.group,
             first_window=first,
             offload_activations=cfg.offload_activations,
+            moe={"calibrate": cfg.moe_calibrate, "remove": cfg.remove_experts, "score": cfg.expert_score},
         )
 
     def _sidecar(self, reports: list[dict], transposed: set[str]) -> dict:
@@ -197,7 +219,9 @@ class Run:
         t = time.perf_counter()
         rest = self.streamed.output_rest() if self.streamed is not None else self._rest_parameters()
         rest_zeros = sum(int(v.numel() - torch.count_nonzero(v)) for v in rest.values() if v.is_floating_point())
-        parameters = int(self.structure.get("parameters", 0))
+        removed = body.get("experts_removed", [])
+        before = int(self.structure.get("parameters", 0))
+        parameters = before - sum(r["removed_parameters"] for r in removed)
         report = {
             "model": cfg.model,
             "source": self.source.kind,
@@ -211,6 +235,7 @@ class Run:
             "total_parameters": parameters,
             "nonzero_parameters": parameters - sum(self.layer_zeros.values()) - rest_zeros,
             "mean_relative_error": sum(e["relative_error"] for e in body["linears"]) / max(len(body["linears"]), 1),
+            "coverage": coverage(self.structure, body["linears"], removed),
             "calibration": self.calibration.info,
             **self.report_extra,
             "device": str(self.device),
@@ -223,6 +248,8 @@ class Run:
         if self.calibration.info.get("note"):  # another calibration source stood in for the one asked for
             report["notes"] = [self.calibration.info["note"]] + report["notes"]
         if tmp is None:
+            if removed:
+                report["experts"] = experts_summary(removed, before, parameters, source_bytes(self.source), None)
             report["seconds"] = round(time.perf_counter() - self.started, 3)
             report["out"] = None
             return report
@@ -234,9 +261,12 @@ class Run:
                                                                           permutations)
             report["storage"] = self.writer.finish(self.shards)
             sidecar["format"] = cfg.format
+            sidecar["layers"] = {k: v for shard in self.shards.values() for k, v in shard.get("layers", {}).items()}
             save_metadata(self.streamed, self.streamed.directory, self.tokenizer, tmp)
         else:
             save_model(self.model, self.tokenizer, tmp)
+            if any("tensor" in entry for entry in sidecar["layers"].values()):  # experts: as save_pretrained wrote them
+                sidecar["layers"] = on_disk(sidecar["layers"], read_raw(tmp, "dense"), self.model)
         self.journal.remove()
         write_json(os.path.join(tmp, SIDECAR), sidecar)
         if permutations:
@@ -245,6 +275,9 @@ class Run:
             save_file(permutations, os.path.join(tmp, PERMUTATIONS))
         if self.writer is None:
             report["storage"] = describe_storage(tmp) if cfg.format == "dense" else rewrite(tmp, cfg.format)
+        if removed:
+            report["experts"] = experts_summary(removed, before, parameters, source_bytes(self.source),
+                                                report["storage"]["weight_file_bytes"])
         report["phases_seconds"]["save"] = round(time.perf_counter() - t, 3)
         report["seconds"] = round(time.perf_counter() - self.started, 3)
         report["out"] = os.path.abspath(cfg.out)

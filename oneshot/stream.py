@@ -27,7 +27,8 @@ from torch import nn
 
 from .engine import LayerIO
 from .errors import OneshotError
-from .formats.store import encode, file_prefix, files_bytes, format_sizes, pruned_weights, size_summary
+from .formats.ondisk import expert_sources, layout_only, on_disk
+from .formats.store import encode, file_prefix, files_bytes, format_sizes, size_summary, tensor_key
 from .model.source import ModelSource, hub_error
 from .model.structure import find_decoder_layers, find_linears, stores_transposed
 from .output import write_json
@@ -88,13 +89,14 @@ def streaming_plan(mode: str, source: ModelSource, out: str | None, calib_kind: 
 
 def _renamer(model, names: dict):
     """Checkpoint key -> model tensor name, as transformers' loader renames it (legacy names, the
-    base-model prefix). Checkpoints that need real conversions (fused experts...) cannot stream."""
+    base-model prefix). Per-expert tensors that load as fused experts are assembled by
+    :meth:`StreamedModel.read`; checkpoints that need other conversions cannot stream."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightRenaming, rename_source_key
 
     transforms = get_model_conversion_mapping(model) or []
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    if len(renamings) != len(transforms):
+    if any(not isinstance(t, WeightRenaming) and not layout_only(t) for t in transforms):
         raise OneshotError(f"{type(model).__name__}: its checkpoints need weight conversions when loaded, "
                            "which cannot stream; use --load full")
     prefix = getattr(model, "base_model_prefix", None) or None
@@ -145,7 +147,13 @@ class StreamedModel:
         ]
         in_layers = {n for group in self.layer_names for n in group}
         params = dict(model.named_parameters(remove_duplicate=False))
-        missing = [n for n in params if n not in self.key and n not in self.head]
+        self.assembled = {}  # fused expert parameter -> per expert, the checkpoint tensors it is made of
+        for n, p in params.items():
+            if n not in self.key and p.dim() == 3:
+                sources = expert_sources(model, n, tuple(p.shape))
+                if sources is not None and all(k in files for parts in sources for k, *_ in parts):
+                    self.assembled[n] = sources
+        missing = [n for n in params if n not in self.key and n not in self.head and n not in self.assembled]
         if missing:
             raise OneshotError(f"{directory}: the checkpoint holds no {missing[0]} ({len(missing)} tensors of the "
                                "model missing or named differently); use --load full")
@@ -174,9 +182,10 @@ class StreamedModel:
         from safetensors import safe_open
 
         by_file: dict[str, list[str]] = {}
+        out = {name: self._assemble(name) for name in names if name in self.assembled}
         for name in names:
-            by_file.setdefault(self.files[self.key[name]], []).append(name)
-        out = {}
+            if name not in out:
+                by_file.setdefault(self.files[self.key[name]], []).append(name)
         with ExitStack() as stack:
             for path, group in by_file.items():
                 fh = stack.enter_context(safe_open(path, "pt"))
@@ -184,6 +193,23 @@ class StreamedModel:
                     t = fh.get_tensor(self.key[name])
                     out[name] = t.to(self.dtype) if t.is_floating_point() else t
         return out
+
+    def _assemble(self, name: str) -> torch.Tensor:
+        """A fused expert parameter from the checkpoint's per-expert tensors."""
+        from safetensors import safe_open
+
+        shape = tuple(self.model.get_parameter(name).shape)
+        fused = torch.empty(shape, dtype=self.dtype)
+        with ExitStack() as stack:
+            handles = {}
+            for e, parts in enumerate(self.assembled[name]):
+                for key, rows, cols, transposed in parts:
+                    path = self.files[key]
+                    if path not in handles:
+                        handles[path] = stack.enter_context(safe_open(path, "pt"))
+                    t = handles[path].get_tensor(key)
+                    fused[e, rows, cols] = t.t() if transposed else t
+        return fused
 
     def place(self, tensors: dict[str, torch.Tensor], device) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -244,7 +270,7 @@ class StreamIO(LayerIO):
 
     def load(self, i: int, layer: nn.Module, device) -> None:
         t = time.perf_counter()
-        names = [n for n in self.streamed.layer_names[i] if n in self.streamed.key]
+        names = [n for n in self.streamed.layer_names[i] if n in self.streamed.key or n in self.streamed.assembled]
         self.streamed.place(self.streamed.read(names), device)
         left = [n for n, p in layer.named_parameters() if p.device.type == "meta"]
         if left:
@@ -284,7 +310,8 @@ class ShardWriter:
 
         if self.model is not None:
             tensors = output_names(self.model, tensors)
-        layers = {k: v for k, v in sidecar["layers"].items() if f"{k}.weight" in tensors}
+        layers = {k: v for k, v in on_disk(sidecar["layers"], tensors, self.model).items()
+                  if tensor_key(k, v) in tensors}
         part = {**sidecar, "layers": layers}
         stored = encode(tensors, part, perms, self.fmt)
         name = self.shard_name(i)
@@ -292,8 +319,9 @@ class ShardWriter:
         save_file({k: v.contiguous() for k, v in stored.items()}, path + ".tmp",
                   metadata={"format": "pt"})  # one key: safetensors orders several by hash, which varies by process
         os.replace(path + ".tmp", path)
-        sizes = format_sizes(tensors, part, perms) if pruned_weights(part, perms) else {}
+        sizes = format_sizes(tensors, part, perms) if layers else {}
         return {"keys": sorted(stored), "bytes": sum(v.numel() * v.element_size() for v in stored.values()),
+                "layers": layers,
                 "sizes": {k: v["pruned_layer_bytes"] for k, v in sizes.items()}}
 
     def finish(self, shards: dict[int, dict]) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .constraint import Constraint, parse_pattern
-from .formats.store import as_matrix, decode, pruned_weights, read_permutations, read_raw, read_sidecar
+from .formats.store import as_matrix, decode, matrix_of, pruned_matrices, read_permutations, read_raw, read_sidecar
 from .masks import check_constraint
 
 
@@ -48,15 +48,16 @@ def verify(directory: str, forward: bool = True) -> dict:
         state = decode(read_raw(directory, fmt), sidecar, perms, fmt)
     except Exception as exc:  # noqa: BLE001 - a damaged file is a failure to report, not a crash
         return {"ok": False, "failures": [f"weights could not be read as {fmt}: {exc}"], "checked": {}}
-    pruned = pruned_weights(sidecar, perms)
-    for key, (layer, perm) in pruned.items():
-        if key not in state:
-            failures.append(f"{key}: missing from the weights")
+    pruned = pruned_matrices(sidecar, perms)
+    for name, (key, expert, layer, perm) in pruned.items():
+        label = key if expert is None else name
+        if key not in state or (expert is not None and expert >= state[key].shape[0]):
+            failures.append(f"{label}: missing from the weights")
             continue
         if layer.get("input_permutation") and perm is None:
-            failures.append(f"{key}: its input permutation is missing from {layer['input_permutation']}")
+            failures.append(f"{label}: its input permutation is missing from {layer['input_permutation']}")
             continue
-        failures += _layer_problems(key, state[key], layer, perm)
+        failures += _layer_problems(label, matrix_of(state, key, expert), layer, perm)
     for key, tensor in state.items():
         if tensor.is_floating_point():
             bad = int((~torch.isfinite(tensor)).sum())

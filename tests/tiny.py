@@ -71,6 +71,33 @@ def tiny_config(arch: str):
     if arch == "gpt_neox":
         return tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                 max_position_embeddings=256, **COMMON)
+    moe = dict(num_experts_per_tok=2, max_position_embeddings=256, **COMMON)
+    small = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+    if arch == "qwen2_moe":  # a shared expert with its gate
+        return tf.Qwen2MoeConfig(**small, **moe, intermediate_size=128, moe_intermediate_size=32,
+                                 shared_expert_intermediate_size=64, num_experts=8)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**small, **moe, head_dim=16, intermediate_size=128, moe_intermediate_size=32,
+                                 num_experts=8)
+    if arch == "mixtral":
+        return tf.MixtralConfig(**small, **moe, intermediate_size=64, num_local_experts=8)
+    if arch == "gpt_oss":  # experts stored [E, in, out] with biases, interleaved gate/up
+        return tf.GptOssConfig(**small, **moe, head_dim=16, intermediate_size=32, num_local_experts=8,
+                               layer_types=["sliding_attention", "full_attention"], sliding_window=16)
+    if arch == "deepseek_v3":  # multi-head latent attention, a shared expert, a first dense layer, group routing
+        return tf.DeepseekV3Config(**{**small, "num_hidden_layers": 3}, **moe, intermediate_size=128,
+                                   moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+                                   first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+                                   qk_nope_head_dim=8, v_head_dim=16, n_group=2, topk_group=1)
+    if arch == "qwen3_next":  # hybrid: gated-delta-net linear attention and full attention layers
+        return tf.Qwen3NextConfig(**{**small, "num_hidden_layers": 4}, **moe, head_dim=16, intermediate_size=64,
+                                  moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=8,
+                                  linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                                  linear_value_head_dim=16)
+    if arch == "jamba":  # hybrid whose decoder list mixes layer classes (Mamba and attention), experts every 2nd
+        return tf.JambaConfig(**{**small, "num_hidden_layers": 4}, **moe, intermediate_size=64, num_experts=4,
+                              expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1,
+                              mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8)
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=384,
                              bos_token_id=1, eos_token_id=2)
@@ -78,6 +105,7 @@ def tiny_config(arch: str):
 
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "opt", "gpt_neox", "gpt2"]
+MOE_ARCHS = ["qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3", "qwen3_next", "jamba"]
 
 
 def make_tiny_model(arch: str, directory: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> str:
@@ -85,9 +113,9 @@ def make_tiny_model(arch: str, directory: str, dtype: torch.dtype = torch.float3
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch))
-    with torch.no_grad():  # larger-than-default weights so layers do visible work
-        for p in model.parameters():
-            if p.dim() == 2:
+    with torch.no_grad():  # larger-than-default weights so layers do visible work (experts' fused ones too)
+        for name, p in model.named_parameters():
+            if p.dim() in (2, 3) and "conv" not in name and "A_log" not in name:
                 p.normal_(0, 0.08)
     model = model.to(dtype)
     os.makedirs(directory, exist_ok=True)

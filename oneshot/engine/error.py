@@ -44,7 +44,7 @@ class ErrorMeter:
 
     def measure(self, name: str, module, x: torch.Tensor, output: torch.Tensor) -> None:
         acc = self.acc[name]
-        if name not in self.deltas or acc[2] >= self.error_tokens:  # not solved, or measured
+        if name not in self.deltas:  # not solved, or measured
             return
         t = time.perf_counter()
         x = x.reshape(-1, x.shape[-1])[: self.error_tokens - acc[2]].to(torch.float32)
@@ -56,6 +56,8 @@ class ErrorMeter:
         acc[0] += (e * e).sum(dtype=torch.float64)
         acc[1] += ((y + e) ** 2).sum(dtype=torch.float64)
         acc[2] += x.shape[0]
+        if acc[2] >= self.error_tokens:
+            del self.deltas[name]
         self.seconds += time.perf_counter() - t
 
     def results(self, group=None) -> dict[str, tuple[float, int]]:

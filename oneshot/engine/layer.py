@@ -22,6 +22,7 @@ from torch import nn
 from ..constraint import Constraint
 from ..errors import OneshotError
 from ..masks import positive_zeros
+from ..model.experts import ExpertMatrix
 from ..model.structure import get_weight, set_weight
 from .capture import StopForward
 from .error import ErrorMeter
@@ -56,6 +57,8 @@ class LayerPruner:
         self.entries: dict[str, dict] = {}
         self.solve_seconds = 0.0
         self.mode = PRUNE
+        self.only: set[str] | None = None  # when set, the pre-hooks gather statistics for these names only
+        self.extra: dict[str, dict] = {}  # more for a linear's report entry
         self.handles = []
         for name, module in linears.items():
             if self.needs_stats:
@@ -96,7 +99,7 @@ class LayerPruner:
 
     def _pre_hook(self, name):
         def hook(module, args):
-            if self.mode == PAUSED:
+            if self.mode == PAUSED or (self.only is not None and name not in self.only):
                 return None
             x = args[0]
             if name in self.entries:  # solved: runs pruned
@@ -141,26 +144,31 @@ class LayerPruner:
         elapsed = time.perf_counter() - t
         self.solve_seconds += elapsed
         entry["seconds"] = round(elapsed, 4)
+        entry["tokens"] = stats.tokens if stats is not None else 0
+        if isinstance(module, ExpertMatrix):
+            entry.update(expert=module.index, matrix=module.param, tensor=name.rsplit(".", 2)[0] + "." + module.param,
+                         **({"transposed": True} if module.transposed else {}))
         entry.update(info)
         self.entries[name] = entry
 
-    def solve_all(self) -> None:
-        """Solve every linear now: with no statistics (magnitude) or after a :meth:`collecting` pass."""
-        for name in self.linears:
+    def solve_all(self, names=None) -> None:
+        """Solve every linear (or those in ``names``) now: with no statistics (magnitude) or after a
+        :meth:`collecting` pass."""
+        names = [n for n in self.linears if n not in self.entries and (names is None or n in names)]
+        for name in names:
             if self.needs_stats and name not in self.stats.leader:
                 raise OneshotError(f"{name}: never ran in the layer's forward pass; --ignore them")
         if self.group is not None:
-            self._solve_distributed()
+            self._solve_distributed(names)
             return
-        for name, module in self.linears.items():
-            self.solve(name, module)
+        for name in names:
+            self.solve(name, self.linears[name])
 
-    def _solve_distributed(self) -> None:
+    def _solve_distributed(self, names: list[str]) -> None:
         """Sum every leader's statistics over the ranks, solve linear k on rank k mod world, and
         broadcast each pruned weight and its report entry from its owner."""
         group = self.group
         self.stats.all_reduce(group)
-        names = list(self.linears)
         for k, name in enumerate(names):
             if k % group.world == group.rank:
                 self.solve(name, self.linears[name])
@@ -207,5 +215,6 @@ class LayerPruner:
         for name in self.linears:
             entry = self.entries[name]
             entry["relative_error"], entry["error_tokens"] = results[name]
+            entry.update(self.extra.get(name, {}))
             out.append(entry)
         return out

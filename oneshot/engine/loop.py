@@ -17,7 +17,8 @@ import torch
 from ..allocation import owl_sparsities
 from ..constraint import Constraint
 from ..errors import OneshotError
-from ..model.structure import find_decoder_layers, find_linears
+from ..model.experts import ExpertRouting, experts_modules
+from ..model.structure import find_decoder_layers, find_linears, matrix_parameter
 from ..runtime import free_memory, peak_memory, reuse_host_heap
 from ..solvers import SOLVERS, SolverSpec, solver_needs_hessian
 from ..tensors import all_finite, call_layer, move
@@ -25,8 +26,10 @@ from ..updates import WEIGHT_UPDATES
 from ..updates.block import reconstruct_block
 from .batching import activation_store, plan_batches
 from .capture import Captured, StopForward, capture_inputs, layer_inputs
+from .collect import collect, routed_tokens
 from .layer import LayerPruner
 from .layerio import LayerIO, onload, restore
+from .moe import remove_experts, score_experts
 from .owl import owl_densities
 from .state import RunState
 
@@ -54,6 +57,8 @@ class _Plan:
     block: dict | None
     group: object
     ignore: tuple
+    moe: dict  # {"calibrate": "all"|"routed", "remove": fraction or None, "score": "reap"|"frequency"}
+    config: object  # the model's (text) config: expert counts change when experts are removed
 
 
 @torch.no_grad()
@@ -72,7 +77,7 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
                progress: bool = True, allocation: dict | None = None, heldout: int = 0,
                block: dict | None = None, io: LayerIO | None = None, compute_dtype: torch.dtype | None = None,
                resume: dict | None = None, on_layer=None, group=None, first_window: int = 0,
-               offload_activations: bool = False) -> dict:
+               offload_activations: bool = False, moe: dict | None = None) -> dict:
     """Prune every linear inside the decoder layers of ``model`` in place; returns the report's body.
 
     ``allocation``: ``{"kind": "owl", "m": .., "lambda": ..}`` for per-layer sparsities (unstructured);
@@ -109,7 +114,8 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
                  error_tokens=max(0, ERROR_TOKENS - first_window * seqlen),  # the same first tokens on any rank count
                  needs_stats=SOLVERS[method].needs_stats or options.get("update", "none") in WEIGHT_UPDATES,
                  needs_hessian=solver_needs_hessian(method, options), heldout=heldout,
-                 heldout_from=nsamples - heldout if heldout else None, block=block, group=group, ignore=tuple(ignore))
+                 heldout_from=nsamples - heldout if heldout else None, block=block, group=group, ignore=tuple(ignore),
+                 moe={"calibrate": "all", "remove": None, "score": "reap", **(moe or {})}, config=config)
     phases = {"capture": 0.0, "prune_and_propagate": 0.0, "solve": 0.0}
 
     t0 = time.perf_counter()
@@ -156,7 +162,21 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
                     f"non-finite values (NaN/Inf) reach decoder layer {i} ({prefix}) in calibration batch {b}; "
                     "the model overflows in this dtype: try --dtype float32"
                 )
-        layer_linears = _prune_layer(plan, i, prefix, layer, linears, constraints[i], captured, state, phases)
+        kept = {}
+        if plan.moe["remove"] and experts_modules(layer):
+            t_r = time.perf_counter()
+            scored = score_experts(layer, i, prefix, captured, device, compute, plan.moe["score"] == "reap", group)
+            removed = remove_experts(layer, prefix, scored, plan.moe["remove"], plan.moe["score"], plan.config)
+            state.experts_removed.extend({"layer": i, **entry} for entry in removed)
+            kept = {entry["block"]: entry["kept"] for entry in removed}
+            linears = find_linears(layer, prefix, ignore)
+            phases["expert_removal"] = phases.get("expert_removal", 0.0) + time.perf_counter() - t_r
+        with ExpertRouting(layer, prefix, linears) as routing:
+            layer_linears = _prune_layer(plan, i, prefix, layer, linears, constraints[i], captured, state, phases,
+                                         routing)
+        for entry in layer_linears:  # an expert's index in the source model, where experts were removed
+            if "expert" in entry and entry["name"].rsplit(".", 2)[0] in kept:
+                entry["source_expert"] = kept[entry["name"].rsplit(".", 2)[0]][entry["expert"]]
         restore(layer, stored)
         phases["prune_and_propagate"] += time.perf_counter() - t
         tw = time.perf_counter()
@@ -192,13 +212,15 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
         body["heldout_windows"] = heldout
     if state.blocks:
         body["block_update"] = state.blocks
+    if state.experts_removed:
+        body["experts_removed"] = state.experts_removed
     if resume is not None and int(resume["finished"]):
         body["resumed_at_layer"] = int(resume["finished"])
     return body
 
 
 def _prune_layer(plan: _Plan, i: int, prefix: str, layer, linears: dict, constraint: Constraint,
-                 captured: Captured, state: RunState, phases: dict) -> list[dict]:
+                 captured: Captured, state: RunState, phases: dict, routing: ExpertRouting) -> list[dict]:
     """Prune layer ``i`` (already on the device) and move ``captured`` and ``state`` past it."""
     spec, block = plan.spec, plan.block
     nbatches = len(captured.hidden)
@@ -221,19 +243,17 @@ def _prune_layer(plan: _Plan, i: int, prefix: str, layer, linears: dict, constra
                 state.dense_stream = [call_layer(layer, h, a, kw).to(plan.store) for _, h, a, kw in inputs(view)]
             targets = state.dense_stream
         if plan.needs_stats and plan.sequential == "layer":  # the reference way: all statistics from the dense layer
-            layer_passes += 1
-            with pruner.collecting():
-                for offset, hidden, args, kwargs in inputs():
-                    pruner.start_batch(offset)
-                    out = call_layer(layer, hidden, args, kwargs)
-                    if block is not None and state.dense_stream is None:
-                        targets.append(out.to(plan.store))
+            passes, dense_out = collect(plan, layer, linears, pruner, routing, inputs, state, prefix,
+                                         block is not None and state.dense_stream is None)
+            layer_passes += passes
+            targets = dense_out or targets
         elif block is not None and state.dense_stream is None:
             targets = [call_layer(layer, h, a, kw).to(plan.store) for _, h, a, kw in inputs()]
         if not plan.needs_stats or plan.sequential == "layer":
             pruner.solve_all()
         if block is not None and linears:
             _block_update(plan, i, prefix, layer, linears, pruner, captured, targets, state, phases)
+        routing.record = not (plan.needs_stats and plan.sequential == "layer")  # routed tokens, if not counted yet
         while any(o is None for o in outputs):
             layer_passes += 1
             if layer_passes > len(linears) + 3:  # no progress: some linear is never reached
@@ -252,6 +272,7 @@ def _prune_layer(plan: _Plan, i: int, prefix: str, layer, linears: dict, constra
     captured.hidden = outputs
     state.hidden = outputs
     layer_linears = pruner.report()
+    routed_tokens(layer_linears, routing)
     state.permutations.update(pruner.permutations)
     state.followers = pruner.followers_map()
     for entry in layer_linears:
@@ -278,8 +299,8 @@ def _block_update(plan: _Plan, i: int, prefix: str, layer, linears: dict, pruner
             batch_windows=int(block["batch_windows"]), seed=int(block.get("seed", 0)) + i, device=plan.device,
         )
     if plan.compute is not None:  # the trained weights, rounded to the stored dtype
-        for module in linears.values():
-            module.weight.data = module.weight.data.to(plan.storage).to(plan.compute)
+        for param in {id(p): p for p in map(matrix_parameter, linears.values())}.values():
+            param.data = param.data.to(plan.storage).to(plan.compute)
     pruner.refresh()
     state.blocks.append({"layer": prefix, **info})
     phases["block_update"] = phases.get("block_update", 0.0) + time.perf_counter() - tb

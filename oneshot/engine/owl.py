@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..allocation import outlier_density
+from ..model.experts import ExpertRouting
 from ..model.structure import find_linears, get_weight, linear_shape
 from ..tensors import call_layer
 from .capture import Captured, layer_inputs
@@ -34,7 +35,9 @@ def owl_densities(layers, path: str, captured: Captured, device, ignore, m: floa
         handles = [mod.register_forward_pre_hook(hook(name)) for name, mod in linears.items()]
         try:
             view = Captured(hidden, captured.layer_args)
-            hidden = [call_layer(layer, h, a, kw).to(store) for _, h, a, kw in layer_inputs(view, i, device, compute)]
+            with ExpertRouting(layer, f"{path}.{i}", linears):
+                hidden = [call_layer(layer, h, a, kw).to(store)
+                          for _, h, a, kw in layer_inputs(view, i, device, compute)]
         finally:
             for h in handles:
                 h.remove()

@@ -20,6 +20,7 @@ class RunState:
     permutations: dict[str, torch.Tensor] = field(default_factory=dict)  # --ria-permute
     allocation: dict | None = None  # --allocation owl: densities and per-layer sparsities
     followers: dict[str, list[str]] = field(default_factory=dict)  # joint-solve hint for the next layer
+    experts_removed: list[dict] = field(default_factory=list)  # --remove-experts, per experts module
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

@@ -9,6 +9,7 @@ complete once every calibration batch has passed through it.
 from __future__ import annotations
 
 import time
+import weakref
 
 import torch
 
@@ -84,7 +85,7 @@ class LayerStatistics:
         self.leader: dict[str, str] = {}
         self.stats: dict[str, Stats] = {}
         self.batches_in: dict[str, int] = {}
-        self.inputs: list[tuple[torch.Tensor, str]] = []  # this forward's leader inputs
+        self.inputs: list[tuple[weakref.ref, str]] = []  # this forward's leader inputs (not kept alive)
         self.window_offset = 0
         self.seconds = 0.0  # host time spent accumulating (the profile's "statistics")
 
@@ -96,13 +97,13 @@ class LayerStatistics:
         """``name``'s leader: fixed the first time it runs, by the identity of the tensor it reads."""
         leader = self.leader.get(name)
         if leader is None:
-            leader = next((lead for t, lead in self.inputs if t is x), name)
+            leader = next((lead for t, lead in self.inputs if t() is x), name)
             self.leader[name] = leader
         return leader
 
     def seen(self, x: torch.Tensor, name: str) -> None:
         """Leader ``name`` read ``x`` in this forward (its followers will read the same object)."""
-        self.inputs.append((x, name))
+        self.inputs.append((weakref.ref(x), name))
 
     def complete(self, name: str) -> bool:
         return self.batches_in.get(name, 0) >= self.nbatches
@@ -134,6 +135,22 @@ class LayerStatistics:
                 finish_stats(st.heldout)
             if not all_finite(st.sq_norms):
                 raise OneshotError(f"{name}: its inputs overflow to NaN/Inf in this dtype; try --dtype float32")
+
+    def close(self) -> None:
+        """After a statistics pass: finish every leader that missed some batches (an expert the router
+        sent no token in a batch runs in fewer batches than the layer)."""
+        for name, st in self.stats.items():
+            if self.batches_in[name] < self.nbatches:
+                self.batches_in[name] = self.nbatches
+                finish_stats(st)
+                if st.heldout is not None:
+                    finish_stats(st.heldout)
+
+    def forget(self, names) -> None:
+        """Drop the statistics of ``names`` (to gather them again another way)."""
+        for name in names:
+            self.stats.pop(name, None)
+            self.batches_in.pop(name, None)
 
     def all_reduce(self, group) -> None:
         """Sum every leader's statistics over the ranks of a torch.distributed group."""

@@ -93,31 +93,54 @@ def _from_matrix(matrix: torch.Tensor, layer: dict, perm: torch.Tensor | None) -
     return (matrix.t() if layer.get("transposed") else matrix).contiguous()
 
 
-def pruned_weights(sidecar: dict, perms: dict) -> dict[str, tuple[dict, torch.Tensor | None]]:
-    """Weight key -> (layer entry, input permutation or None) for every pruned layer."""
-    return {f"{name}.weight": (layer, perms.get(name) if layer.get("input_permutation") else None)
+def tensor_key(name: str, layer: dict) -> str:
+    """The state-dict key holding sidecar entry ``name``: ``NAME.weight``, or an expert's fused tensor."""
+    return layer.get("tensor") or f"{name}.weight"
+
+
+def pruned_matrices(sidecar: dict, perms: dict) -> dict[str, tuple[str, int | None, dict, torch.Tensor | None]]:
+    """Sidecar name -> (state key, expert index or None, layer entry, input permutation or None) for
+    every pruned matrix."""
+    return {name: (tensor_key(name, layer), layer.get("expert"), layer,
+                   perms.get(name) if layer.get("input_permutation") else None)
             for name, layer in sidecar["layers"].items()}
 
 
+def _by_tensor(sidecar: dict, perms: dict) -> dict[str, dict]:
+    """State key -> {expert index or None: (layer entry, permutation)}."""
+    out: dict[str, dict] = {}
+    for key, expert, layer, perm in pruned_matrices(sidecar, perms).values():
+        out.setdefault(key, {})[expert] = (layer, perm)
+    return out
+
+
+def matrix_of(state: dict[str, torch.Tensor], key: str, expert: int | None) -> torch.Tensor:
+    return state[key] if expert is None else state[key][expert]
+
+
 def encode(state: dict[str, torch.Tensor], sidecar: dict, perms: dict, fmt: str) -> dict[str, torch.Tensor]:
-    """A dense state dict -> the tensors ``fmt`` stores."""
+    """A dense state dict -> the tensors ``fmt`` stores: each pruned matrix as its parts ``KEY.<part>``,
+    each expert's slice of a fused tensor as ``KEY.<expert>.<part>`` (a fused tensor with experts left
+    unpruned is stored whole)."""
     codec = FORMATS[fmt]
-    pruned = pruned_weights(sidecar, perms)
+    pruned = _by_tensor(sidecar, perms)
     missing = sorted(set(pruned) - set(state))
     if missing:
         raise OneshotError(f"the weights hold no {missing[0]} ({len(missing)} pruned layers missing)")
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        if key not in pruned or fmt == "dense":
+        slices = pruned.get(key)
+        if slices is None or fmt == "dense" or (None not in slices and set(slices) != set(range(tensor.shape[0]))):
             out[key] = tensor
             continue
-        layer, perm = pruned[key]
-        try:
-            parts = codec.encode(as_matrix(tensor, layer, perm))
-        except ValueError as exc:
-            raise OneshotError(f"{key}: cannot store as {fmt}: {exc}") from None
-        for part, value in parts.items():
-            out[f"{key}.{part}"] = value
+        for expert, (layer, perm) in sorted(slices.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
+            stem = key if expert is None else f"{key}.{expert}"
+            try:
+                parts = codec.encode(as_matrix(matrix_of(state, key, expert), layer, perm))
+            except ValueError as exc:
+                raise OneshotError(f"{stem}: cannot store as {fmt}: {exc}") from None
+            for part, value in parts.items():
+                out[f"{stem}.{part}"] = value
     return out
 
 
@@ -126,15 +149,21 @@ def decode(raw: dict[str, torch.Tensor], sidecar: dict, perms: dict, fmt: str) -
     if fmt == "dense":
         return dict(raw)
     codec = FORMATS[fmt]
-    pruned = pruned_weights(sidecar, perms)
     state = {}
     consumed = set()
-    for key, (layer, perm) in pruned.items():
-        names = {part: f"{key}.{part}" for part in codec.parts()}
+
+    def one(stem, layer, perm):
+        names = {part: f"{stem}.{part}" for part in codec.parts()}
         if not all(n in raw for n in names.values()):
-            raise OneshotError(f"the {fmt} weights hold no {key} (expected {', '.join(names.values())})")
-        state[key] = _from_matrix(codec.decode({part: raw[n] for part, n in names.items()}), layer, perm)
+            raise OneshotError(f"the {fmt} weights hold no {stem} (expected {', '.join(names.values())})")
         consumed.update(names.values())
+        return _from_matrix(codec.decode({part: raw[n] for part, n in names.items()}), layer, perm)
+
+    for key, slices in _by_tensor(sidecar, perms).items():
+        if None in slices:
+            state[key] = one(key, *slices[None])
+        elif key not in raw:  # every expert's slice encoded
+            state[key] = torch.stack([one(f"{key}.{e}", *slices[e]) for e in sorted(slices)])
     for key, tensor in raw.items():
         if key not in consumed:
             state[key] = tensor
@@ -155,13 +184,14 @@ def write_weights(directory: str, tensors: dict[str, torch.Tensor], fmt: str, ma
 
 def format_sizes(state: dict[str, torch.Tensor], sidecar: dict, perms: dict) -> dict:
     """Bytes of the pruned layers' weights in every format that can store them, beside dense."""
-    pruned = pruned_weights(sidecar, perms)
-    patterns = {layer.get("pattern", sidecar.get("pattern")) for layer, _ in pruned.values()}
+    pruned = pruned_matrices(sidecar, perms).values()
+    patterns = {layer.get("pattern", sidecar.get("pattern")) for _, _, layer, _ in pruned}
     sizes = {}
     for name, codec in FORMATS.items():
         if any(codec.accepts(p) for p in patterns):
             continue
-        sizes[name] = sum(codec.nbytes(as_matrix(state[key], layer, perm)) for key, (layer, perm) in pruned.items())
+        sizes[name] = sum(codec.nbytes(as_matrix(matrix_of(state, key, e), layer, perm))
+                          for key, e, layer, perm in pruned)
     return size_summary(sizes)
 
 

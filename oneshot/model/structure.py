@@ -1,8 +1,12 @@
-"""What in a model is pruned: its decoder blocks and the linears inside them.
+r"""What in a model is pruned: its decoder blocks and the prunable matrices inside them.
 
-Decoder blocks and linears are found by structure, not by a table per model family: the blocks are
-the ``nn.ModuleList`` of same-class modules holding the most linear weights; the linears are every
-``nn.Linear`` and ``transformers.Conv1D`` (GPT-2) inside a block.
+Decoder blocks and matrices are found by structure, not by a table per model family: the blocks are
+the ``nn.ModuleList`` of modules holding the most matrix weights (one class, or a hybrid's several);
+the prunable matrices ("linears" in the engine) are every ``nn.Linear`` and ``transformers.Conv1D``
+(GPT-2) inside a block except routers, and each expert's slice of fused expert parameters
+(:mod:`.experts`). Every other weight of two or more dimensions in a block must be a known dense part
+(router, norm, convolution kernel, state-space parameter, embedding) or ``--ignore``\d: anything
+else stops the run before any weights load, by name (:func:`block_coverage`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,11 @@ import torch
 from torch import nn
 
 from ..errors import OneshotError
+from .experts import ExpertMatrix, expert_count, expert_matrices, experts_modules, fused_parameters, router_names
+
+STATE_SPACE = ("A_log", "D", "dt_bias", "dt_proj_bias", "conv_weight")
+# linears of state-space mixers that their scan reads by weight instead of calling (Mamba's Δ projection)
+STATE_SPACE_LINEARS = ("dt_proj",)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -21,15 +30,23 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
+def _matrix_size(block: nn.Module) -> int:
+    size = sum(sub.weight.numel() for sub in block.modules() if is_linear(sub))
+    return size + sum(p.numel() for sub in block.modules() for p in sub.parameters(recurse=False) if p.dim() == 3
+                      and fused_parameters(sub))
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The repeated decoder blocks: the ModuleList of same-class modules with the most linear weights."""
+    """The repeated decoder blocks: the ModuleList with the most matrix weights whose modules are of one
+    class, or of several (a hybrid's attention and state-space blocks) that each hold matrices."""
     best, best_name, best_size = None, None, 0
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
-        if len({type(child) for child in module}) != 1:
+        sizes = [_matrix_size(child) for child in module]
+        if len({type(child) for child in module}) != 1 and (len(module) < 2 or not all(sizes)):
             continue
-        size = sum(sub.weight.numel() for child in module for sub in child.modules() if is_linear(sub))
+        size = sum(sizes)
         if size > best_size:
             best, best_name, best_size = module, name, size
     if best is None:
@@ -40,21 +57,35 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best_name, best
 
 
+def _ignored(name: str, ignore) -> bool:
+    return any(re.search(pattern, name) for pattern in ignore)
+
+
 def find_linears(layer: nn.Module, prefix: str = "", ignore: list[str] | tuple = ()) -> dict[str, nn.Module]:
-    """Every linear in ``layer`` by its full name (``prefix.name``), minus names matching ``ignore``."""
+    """Every prunable matrix in ``layer`` by its full name (``prefix.name``), minus names matching
+    ``ignore``: its linears (routers excepted) and each expert's matrices (``….experts.E.gate_up_proj``)."""
+    routers = router_names(layer)
     found = {}
     for name, module in layer.named_modules():
-        if not is_linear(module):
+        if not is_linear(module) or name in routers or name.rpartition(".")[2] in STATE_SPACE_LINEARS:
             continue
         full = f"{prefix}.{name}" if prefix else name
-        if any(re.search(pattern, full) for pattern in ignore):
-            continue
-        found[full] = module
+        if not _ignored(full, ignore):
+            found[full] = module
+    for full, module in expert_matrices(layer, prefix).items():
+        if not _ignored(full, ignore):
+            found[full] = module
     return found
 
 
+def _out_in(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, ExpertMatrix))
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a Linear or a Conv1D."""
+    """(out_features, in_features) of a Linear, a Conv1D or an expert's matrix."""
+    if isinstance(module, ExpertMatrix):
+        return module.shape
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
     return module.weight.shape[1], module.weight.shape[0]  # Conv1D stores [in, out]
@@ -63,33 +94,85 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 def get_weight(module: nn.Module) -> torch.Tensor:
     """The weight as fp32 [out, in], a copy."""
     weight = module.weight.detach()
-    if not isinstance(module, nn.Linear):
+    if not _out_in(module):
         weight = weight.t()
     return weight.to(torch.float32).clone()
 
 
 def stores_transposed(module: nn.Module) -> bool:
-    """Whether the module keeps its weight as [in, out] (GPT-2's Conv1D) rather than [out, in]."""
+    """Whether the module keeps its weight as [in, out] (GPT-2's Conv1D, gpt-oss's experts) rather than
+    [out, in]."""
+    if isinstance(module, ExpertMatrix):
+        return module.transposed
     return not isinstance(module, nn.Linear)
 
 
 def in_weight_layout(module: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
     """An [out, in] matrix (a mask) laid out like ``module.weight`` (Conv1D stores [in, out])."""
-    return matrix if isinstance(module, nn.Linear) else matrix.t()
+    return matrix if _out_in(module) else matrix.t()
 
 
 def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
-    """Write an [out, in] weight back in the module's own dtype and layout."""
-    if not isinstance(module, nn.Linear):
+    """Write an [out, in] weight back in the module's own dtype and layout (an expert's: into its
+    slice of the fused parameter)."""
+    if not _out_in(module):
         weight = weight.t()
     with torch.no_grad():
-        module.weight.copy_(weight.to(module.weight.dtype).contiguous())
+        module.weight.copy_(weight.to(module.weight.dtype))
+
+
+def matrix_parameter(module: nn.Module) -> nn.Parameter:
+    """The parameter that holds a prunable matrix: its module's weight, or an expert's fused parameter."""
+    return module.fused if isinstance(module, ExpertMatrix) else module.weight
+
+
+def block_coverage(layer: nn.Module, prefix: str, matrices: dict[str, nn.Module], ignore=()) -> list[dict]:
+    """Every weight of two or more dimensions in ``layer`` that is not a prunable matrix in
+    ``matrices``, with why it stays dense: ``router``, ``norm``, ``convolution``, ``state-space``,
+    ``embedding`` or ``--ignore``. A weight that is none of these stops here, by name."""
+    pruned = {id(matrix_parameter(m)) for m in matrices.values()}
+    routers = router_names(layer)
+    kept = []
+    for pname, param in layer.named_parameters():
+        if param.dim() < 2 or id(param) in pruned:
+            continue
+        full = f"{prefix}.{pname}" if prefix else pname
+        owner_path, _, leaf = pname.rpartition(".")
+        owner = layer.get_submodule(owner_path) if owner_path else layer
+        kind = type(owner).__name__
+        if owner_path in routers:
+            reason = "router"
+        elif is_linear(owner) and owner_path.rpartition(".")[2] in STATE_SPACE_LINEARS:
+            reason = "state-space"
+        elif fused_parameters(owner) and param.dim() == 2:
+            reason = "expert bias"
+        elif is_linear(owner) or fused_parameters(owner):
+            reason = "--ignore"
+        elif _ignored(full, ignore):
+            reason = "--ignore"
+        elif isinstance(owner, nn.modules.conv._ConvNd):
+            reason = "convolution"
+        elif "norm" in kind.lower() or "norm" in leaf.lower():
+            reason = "norm"
+        elif isinstance(owner, nn.Embedding):
+            reason = "embedding"
+        elif leaf in STATE_SPACE:
+            reason = "state-space"
+        else:
+            raise OneshotError(
+                f"{full} ({kind}, shape {list(param.shape)}): a weight oneshot can neither prune nor tell to be a "
+                "router, norm, convolution or state-space part; --ignore it to keep it dense"
+            )
+        kept.append({"name": full, "shape": list(param.shape), "reason": reason})
+    return kept
 
 
 def inspect_structure(config, nm: tuple[int, int] | None, ignore: list[str], trust_remote_code: bool = False) -> dict:
     """Check that a model built from ``config`` can be pruned, on the meta device (no weights read).
 
-    Returns the decoder-layer path, the number of layers and the linears of the first layer.
+    Returns the decoder-layer path, the number of layers, every prunable matrix's shape, the coverage
+    (block weights of two or more dimensions, the prunable share, what stays dense and why) and the
+    mixture-of-experts layers.
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -101,11 +184,18 @@ def inspect_structure(config, nm: tuple[int, int] | None, ignore: list[str], tru
         raise OneshotError(
             f"{type(config).__name__}: not a causal language model transformers can build ({exc})") from exc
     path, layers = find_decoder_layers(skeleton)
-    shapes = {}
+    shapes, dense, block_params, moe_layers, experts = {}, [], 0, [], set()
     for i, layer in enumerate(layers):
-        linears = find_linears(layer, f"{path}.{i}", ignore)
+        prefix = f"{path}.{i}"
+        linears = find_linears(layer, prefix, ignore)
         if i == 0 and not linears:
             raise OneshotError(f"{type(skeleton).__name__}: decoder layer 0 has no linear layers left to prune")
+        dense.extend(block_coverage(layer, prefix, linears, ignore))
+        block_params += sum(p.numel() for p in layer.parameters() if p.dim() >= 2)
+        counts = {expert_count(m) for m in experts_modules(layer).values()}
+        if counts:
+            moe_layers.append(i)
+            experts.update(counts)
         for name, module in linears.items():
             shapes[name] = linear_shape(module)
             if nm is not None and shapes[name][1] % nm[1]:
@@ -114,5 +204,8 @@ def inspect_structure(config, nm: tuple[int, int] | None, ignore: list[str], tru
                     f"use another pattern or --ignore it"
                 )
     parameters = sum(p.numel() for p in skeleton.parameters())  # tied weights once
+    prunable = sum(a * b for a, b in shapes.values())
     return {"layers_path": path, "num_layers": len(layers), "architecture": type(skeleton).__name__, "linears": shapes,
-            "parameters": parameters}
+            "parameters": parameters,
+            "coverage": {"block_matrix_parameters": block_params, "prunable_parameters": prunable, "dense": dense},
+            "moe": {"layers": moe_layers, "experts": sorted(experts)} if moe_layers else None}

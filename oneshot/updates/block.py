@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model.structure import in_weight_layout
+from ..model.structure import in_weight_layout, matrix_parameter
 from ..tensors import call_layer, map_tensors, move
 
 
@@ -58,6 +58,25 @@ def _stack(items: list[tuple], device):
     return hidden, move(args, device), move(kwargs, device)
 
 
+def trainable(linears: dict[str, nn.Module], masks: dict[str, torch.Tensor], device):
+    """The parameters holding the pruned matrices (each fused expert parameter once) and, for each,
+    where its pruned slots are, in its own layout."""
+    params: dict[int, nn.Parameter] = {}
+    pruned: dict[int, torch.Tensor] = {}
+    for name, module in linears.items():
+        param = matrix_parameter(module)
+        key = id(param)
+        if key not in params:
+            params[key] = param
+            pruned[key] = torch.zeros(param.shape, dtype=torch.bool, device=device)
+        mask = in_weight_layout(module, masks[name]).to(device)
+        if param is module.weight:
+            pruned[key] = mask
+        else:  # an expert's slice of a fused parameter
+            pruned[key][module.index] = mask.t() if module.transposed else mask
+    return list(params.values()), list(pruned.values())
+
+
 def reconstruct_block(layer: nn.Module, linears: dict[str, nn.Module], masks: dict[str, torch.Tensor],
                       hidden: list[torch.Tensor], layer_args: list, targets: list[torch.Tensor], heldout: int,
                       *, epochs: int, lr: float, batch_windows: int, seed: int, device) -> dict:
@@ -77,8 +96,7 @@ def reconstruct_block(layer: nn.Module, linears: dict[str, nn.Module], masks: di
     flags = [(p, p.requires_grad) for p in layer.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
-    params = [linears[name].weight for name in linears]
-    pruned = [in_weight_layout(linears[name], masks[name]).to(device) for name in linears]
+    params, pruned = trainable(linears, masks, device)
     original = [p.detach().clone() for p in params]
     for p in params:
         p.requires_grad_(True)

@@ -1,0 +1,319 @@
+"""Mixture-of-experts blocks: each expert's matrices inside fused expert parameters, as modules.
+
+transformers 5 holds a block's experts as 3-D parameters, ``gate_up_proj`` [E, 2·I, H] and
+``down_proj`` [E, H, I] (Qwen-MoE, Mixtral, DeepSeek-V3, …), or transposed [E, in, out] with biases
+(gpt-oss). Each expert's slice is a prunable matrix: :class:`ExpertMatrix` is a module whose
+``weight`` is that slice seen as [out, in] (a view: writing it writes the fused parameter), so the
+engine's hooks, solvers and error meter treat it exactly like an ``nn.Linear``.
+
+While a layer is pruned, :class:`ExpertRouting` runs each experts module's own eager forward with its
+fused parameters replaced by indexers: the forward's ``F.linear(x, W[e])`` or ``x @ W[e]`` becomes a
+call of expert ``e``'s :class:`ExpertMatrix` (through ``__torch_function__``), so the hooks see the
+tokens the router sends to each expert, whatever the activation, bias or gate layout between the two
+matrices. Any other use of an expert's weight stops the run with its name: it is never skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import OneshotError
+
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+TOP_K_KEYS = ("num_experts_per_tok", "top_k", "moe_topk")
+
+
+class ExpertMatrix(nn.Module):
+    """Expert ``index``'s matrix in the fused parameter ``param`` of ``owner``, as an [out, in]
+    ``weight`` (a view of the live parameter, so it follows dtype casts and device moves)."""
+
+    def __init__(self, owner: nn.Module, param: str, index: int, transposed: bool):
+        super().__init__()
+        object.__setattr__(self, "owner", owner)  # not a submodule: the layer's state dict stays the model's
+        self.param, self.index, self.transposed = param, index, transposed
+        self.bias = None
+
+    @property
+    def fused(self) -> nn.Parameter:
+        return getattr(self.owner, self.param)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self.fused[self.index]
+        return w.t() if self.transposed else w
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        shape = tuple(self.fused.shape[1:])
+        return (shape[1], shape[0]) if self.transposed else shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.param}[{self.index}], [out, in] = {list(self.shape)}"
+
+
+def _hidden_size(module: nn.Module) -> int | None:
+    for key in ("hidden_dim", "hidden_size"):
+        if isinstance(getattr(module, key, None), int):
+            return getattr(module, key)
+    config = getattr(module, "config", None)
+    return getattr(config, "hidden_size", None)
+
+
+def fused_parameters(module: nn.Module) -> dict[str, bool]:
+    """The fused expert parameters held directly by ``module`` (3-D, one slice per expert), each with
+    whether it is stored [E, in, out]: transformers' own ``is_transposed`` flag where the class has
+    it, else by which dimension is the hidden size (``down`` matrices output it, the others read it)."""
+    if isinstance(module, nn.modules.conv._ConvNd):  # a convolution kernel [C, 1, K] is not a stack of experts
+        return {}
+    params = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
+    if not params:
+        return {}
+    flag = getattr(module, "is_transposed", None)
+    hidden = _hidden_size(module)
+    out = {}
+    for name, p in params.items():
+        if isinstance(flag, bool):
+            out[name] = flag
+        elif hidden is None or p.shape[1] == p.shape[2]:
+            out[name] = False
+        elif "down" in name:
+            out[name] = p.shape[2] == hidden
+        else:
+            out[name] = p.shape[1] == hidden
+    return out
+
+
+def experts_modules(layer: nn.Module) -> dict[str, nn.Module]:
+    """Path -> module for every module in ``layer`` that holds fused expert parameters."""
+    return {path: m for path, m in layer.named_modules() if fused_parameters(m)}
+
+
+def expert_count(module: nn.Module) -> int:
+    return next(iter(p.shape[0] for p in module.parameters(recurse=False) if p.dim() == 3))
+
+
+def expert_matrices(layer: nn.Module, prefix: str) -> dict[str, ExpertMatrix]:
+    """Every expert's matrix in ``layer``'s fused expert parameters, as ``PREFIX.PATH.E.PARAM``
+    (``model.layers.3.mlp.experts.17.gate_up_proj``, as per-expert ``nn.Linear`` names read)."""
+    found = {}
+    for path, module in experts_modules(layer).items():
+        base = f"{prefix}.{path}" if prefix else path
+        for param, transposed in fused_parameters(module).items():
+            for e in range(getattr(module, param).shape[0]):
+                found[f"{base}.{e}.{param}"] = ExpertMatrix(module, param, e, transposed)
+    # the order a forward runs them in: expert by expert, each expert's matrices in parameter order
+    return dict(sorted(found.items(), key=lambda kv: (id(kv[1].owner), kv[1].index)))
+
+
+def is_moe_block(module: nn.Module) -> bool:
+    """A module whose children hold experts: fused parameters, or a ModuleList called ``experts``."""
+    for name, child in module.named_children():
+        if fused_parameters(child) or (name == "experts" and isinstance(child, nn.ModuleList)):
+            return True
+    return False
+
+
+def router_names(layer: nn.Module) -> dict[str, str]:
+    """Module path -> why it is a router, for every router in ``layer``'s MoE blocks: a child of a
+    block holding experts that scores tokens (a 2-D ``weight`` with one row per expert, or a linear
+    named ``gate``/``router``/``*expert_gate``). Routers stay dense."""
+    found = {}
+    for path, block in layer.named_modules():
+        if not is_moe_block(block):
+            continue
+        count = None
+        for child in block.children():
+            if fused_parameters(child):
+                count = expert_count(child)
+            elif isinstance(child, nn.ModuleList):
+                count = len(child)
+        for name, child in block.named_children():
+            if fused_parameters(child) or isinstance(child, nn.ModuleList):
+                continue
+            weight = getattr(child, "weight", None)
+            named = name in ("gate", "router") or name.endswith("expert_gate")
+            rows = isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] in (count, 1)
+            if (named and rows) or (rows and not isinstance(child, nn.Linear)):
+                found[f"{path}.{name}" if path else name] = "router"
+    return found
+
+
+# -- running the experts' own forward with each expert's matrix as a module
+
+class _Slice:
+    """``fused[e]`` inside an experts forward: its ``F.linear`` / ``@`` becomes expert ``e``'s module."""
+
+    def __init__(self, matrix: ExpertMatrix, name: str):
+        self.matrix, self.name = matrix, name
+
+    def __getattr__(self, key):
+        return getattr(self.matrix.fused[self.matrix.index], key)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and len(args) >= 2 and isinstance(args[1], _Slice) and not isinstance(args[0], _Slice):
+            s = args[1]
+            if s.matrix.transposed:
+                raise OneshotError(f"{s.name}: used as [out, in] but stored [in, out]; this expert layout is not "
+                                   "supported (--ignore it)")
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            out = s.matrix(args[0])
+            return out if bias is None else out + bias
+        if func in (torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul) and len(args) == 2 \
+                and isinstance(args[1], _Slice) and not isinstance(args[0], _Slice):
+            s = args[1]
+            if not s.matrix.transposed:
+                raise OneshotError(f"{s.name}: used as [in, out] but stored [out, in]; this expert layout is not "
+                                   "supported (--ignore it)")
+            return s.matrix(args[0])
+        name = next((a.name for a in args if isinstance(a, _Slice)), "an expert matrix")
+        raise OneshotError(f"{name}: the experts' forward uses it in {getattr(func, '__name__', func)}, which oneshot "
+                           "cannot follow per expert; this expert layout is not supported (--ignore it)")
+
+
+class _Fused:
+    """A fused parameter inside an experts forward: indexing by an expert gives a :class:`_Slice`."""
+
+    def __init__(self, param: nn.Parameter, matrices: list[ExpertMatrix], names: list[str]):
+        self.param, self.matrices, self.names = param, matrices, names
+
+    def __getitem__(self, index):
+        if isinstance(index, torch.Tensor) and index.numel() == 1:
+            index = int(index)
+        if not isinstance(index, int):
+            raise OneshotError(f"{self.names[0].rsplit('.', 2)[0]}: the experts' forward indexes its weights by "
+                               f"{type(index).__name__}; this expert layout is not supported (--ignore it)")
+        return _Slice(self.matrices[index], self.names[index])
+
+    def __getattr__(self, key):
+        return getattr(self.param, key)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise OneshotError(f"the experts' forward uses its fused weights whole in {getattr(func, '__name__', func)}; "
+                           "this expert layout is not supported (--ignore it)")
+
+
+class _View:
+    """``self`` for an experts module's eager forward: its attributes, fused parameters as :class:`_Fused`."""
+
+    def __init__(self, module: nn.Module, fused: dict[str, _Fused]):
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_fused", fused)
+
+    def __getattr__(self, key):
+        fused = object.__getattribute__(self, "_fused")
+        if key in fused:
+            return fused[key]
+        return getattr(object.__getattribute__(self, "_module"), key)
+
+
+def eager_forward(module: nn.Module):
+    """The experts class's own per-expert loop, under transformers' implementation dispatch."""
+    return inspect.unwrap(type(module).forward)
+
+
+class _Block:
+    """One experts module while its layer is pruned: the routing record and the patched forward."""
+
+    def __init__(self, path: str, module: nn.Module, matrices: dict[str, ExpertMatrix]):
+        self.path, self.module = path, module
+        self.count = expert_count(module)
+        self.eager = eager_forward(module)
+        fused = {}
+        for param, transposed in fused_parameters(module).items():
+            mats, names = [], []
+            for e in range(self.count):
+                name = f"{path}.{e}.{param}"
+                mats.append(matrices.get(name) or ExpertMatrix(module, param, e, transposed))
+                names.append(name)
+            fused[param] = _Fused(getattr(module, param), mats, names)
+        self.view = _View(module, fused)
+        self.routed = torch.zeros(self.count, dtype=torch.float64)  # (token, slot) pairs sent to each expert
+        self.saliency = torch.zeros(self.count, dtype=torch.float64)  # Σ router weight × ‖expert output‖
+
+    def run(self, hidden, index, weights, *rest, **kwargs):
+        return self.eager(self.view, hidden, index, weights, *rest, **kwargs)
+
+    def alone(self, hidden: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert ``e``'s output for every row of ``hidden``, router weight 1."""
+        n = hidden.shape[0]
+        index = torch.full((n, 1), e, dtype=torch.long, device=hidden.device)
+        return self.run(hidden, index, torch.ones(n, 1, dtype=hidden.dtype, device=hidden.device))
+
+
+class ExpertRouting:
+    """While one decoder layer is pruned: every fused experts module runs its eager forward with each
+    expert's matrix as an :class:`ExpertMatrix` (hooks see each expert's own tokens). Use as a
+    context manager; the modules get their own forward back on exit.
+
+    ``all_tokens`` (set by the engine for the statistics pass, ``--moe-calibrate all``): every token
+    also goes through every expert for the statistics, inside ``quiet()`` for the real routing, so the
+    block's output keeps the real top-k. ``record``: count routed tokens per expert (and, with
+    ``saliency``, the REAP sum of router weight × output norm over them).
+    """
+
+    def __init__(self, layer: nn.Module, prefix: str, matrices: dict[str, nn.Module]):
+        ours = {n: m for n, m in matrices.items() if isinstance(m, ExpertMatrix)}
+        self.blocks = {}
+        for path, module in experts_modules(layer).items():
+            full = f"{prefix}.{path}" if prefix else path
+            self.blocks[full] = _Block(full, module, ours)
+        self.all_tokens, self.record, self.saliency = False, False, False
+        self.only: dict[str, set[int]] | None = None  # with all_tokens: only these experts (routed-mode fallback)
+        self.quiet = contextlib.nullcontext
+
+    def __bool__(self) -> bool:
+        return bool(self.blocks)
+
+    def __enter__(self):
+        for block in self.blocks.values():
+            block.module.forward = self._forward(block)
+        return self
+
+    def __exit__(self, *exc):
+        for block in self.blocks.values():
+            block.module.__dict__.pop("forward", None)
+
+    def _forward(self, block: _Block):
+        def forward(hidden, index, weights, *rest, **kwargs):
+            if self.record:
+                self._record(block, hidden, index, weights)
+            if not self.all_tokens:
+                return block.run(hidden, index, weights, *rest, **kwargs)
+            chosen = range(block.count) if self.only is None else sorted(self.only.get(block.path, ()))
+            for e in chosen:  # statistics: every token through every expert, one expert at a time
+                block.alone(hidden, e)
+            with self.quiet():
+                return block.run(hidden, index, weights, *rest, **kwargs)
+
+        return forward
+
+    def _record(self, block: _Block, hidden, index, weights) -> None:
+        flat = index.reshape(-1)
+        flat = flat[flat < block.count]
+        block.routed += torch.bincount(flat.cpu(), minlength=block.count)[: block.count].double()
+        if not self.saliency:
+            return
+        with self.quiet():
+            for e in range(block.count):
+                rows, slots = (index == e).nonzero(as_tuple=True)
+                if rows.numel() == 0:
+                    continue
+                out = block.alone(hidden[rows], e).float()
+                gate = weights[rows, slots].float()
+                block.saliency[e] += float((gate * out.norm(dim=-1)).sum())
+
+    def reset(self) -> None:
+        for block in self.blocks.values():
+            block.routed.zero_()
+            block.saliency.zero_()
