@@ -124,7 +124,7 @@ class Journal:
         return {"finished": st["finished"], "hidden": [tensors[f"hidden.{b}"] for b in range(nb)],
                 "dense_stream": dense, "reports": st["reports"], "notes": st["notes"], "passes": st["passes"],
                 "blocks": st["blocks"], "permutations": perms, "allocation": st.get("allocation"),
-                "followers": st.get("followers", {})}
+                "followers": st.get("followers", {}), "experts_removed": st.get("experts_removed", [])}
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         return _load(self.path(f"layer-{i:05d}.safetensors"))
@@ -145,7 +145,8 @@ class Journal:
         previous = self.state.get("hidden")
         self.state.update({"finished": state["finished"], "hidden": name, "reports": state["reports"],
                            "notes": state["notes"], "passes": state["passes"], "blocks": state["blocks"],
-                           "allocation": state["allocation"], "followers": state.get("followers", {}), **extra})
+                           "allocation": state["allocation"], "followers": state.get("followers", {}),
+                           "experts_removed": state.get("experts_removed", []), **extra})
         self._write_state()
         if previous and previous != name and os.path.exists(self.path(previous)):
             os.remove(self.path(previous))

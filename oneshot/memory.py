@@ -6,12 +6,17 @@ host  = process overhead (torch, transformers, tokenizer: ~0.5 GiB)
       + the weights, twice while loading (transformers materialises, then converts or dequantizes)
       + the calibration activations of one layer, inputs and outputs (nsamples x seqlen x hidden),
         a third copy for --update block's dense stream
-      + the statistics of one layer (one Hessian per linear in fp32, twice with held-out windows)
+      + the statistics of one layer (one Hessian per linear in fp32, twice with held-out windows;
+        a mixture-of-experts layer's expert statistics at most a quarter of the free memory, as the
+        engine gathers them in chunks beyond that)
       + one linear's fp32 working copies during its solve
+Per layer means the largest layer (DeepSeek's first dense layers, hybrids' two kinds differ).
 device = the same minus the weights and the overhead, plus one layer's weights (CUDA runs only)
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -20,6 +25,7 @@ from .errors import OneshotError
 from .runtime import available_bytes
 
 OVERHEAD = 512 * 2**20
+EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
 def _dtype_bytes(cfg: PruneConfig, hf_config) -> int:
@@ -39,17 +45,27 @@ def estimate(cfg: PruneConfig, hf_config, structure: dict, gguf: bool = False, s
     compute = 4 if on_cpu and element == 2 else element  # 16-bit layers run in fp32 on the CPU
     text = getattr(hf_config, "text_config", None) or hf_config
     hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0) or getattr(text, "d_model", 0))
-    linears = list(structure["linears"].values())
-    per_layer = len(linears) // max(structure["num_layers"], 1) or len(linears)
-    layer_linears = linears[:per_layer]
+    by_layer: dict[str, list[tuple[str, tuple[int, int]]]] = {}
+    start = len(structure.get("layers_path", "")) + 1
+    for name, shape in structure["linears"].items():
+        by_layer.setdefault(name[start:].split(".")[0], []).append((name, tuple(shape)))
     activations = cfg.nsamples * cfg.seqlen * hidden * compute * (3 if cfg.update == "block" else 2)
     needs_hessian = SOLVERS[cfg.method].needs_hessian or cfg.update in ("lstsq", "admm") or (
         cfg.method == "dsnot" and cfg.dsnot_init == "sparsegpt")
-    stats = sum((d_in * d_in if needs_hessian else d_in) * 4 for _, d_in in layer_linears)
-    if cfg.update != "none":
-        stats *= 2
-    solve = max((d_out * d_in for d_out, d_in in layer_linears), default=0) * 4 * 4
-    layer_weights = sum(d_out * d_in for d_out, d_in in layer_linears) * element
+    factor = 2 if cfg.update != "none" else 1
+    expert_budget = available_bytes(torch.device("cpu")) // 4
+
+    def layer_stats(group) -> int:
+        plain = sum((d_in * d_in if needs_hessian else d_in) * 4 * factor for n, (_, d_in) in group
+                    if not EXPERT.search(n))
+        experts = sum((d_in * d_in if needs_hessian else d_in) * 4 * factor for n, (_, d_in) in group
+                      if EXPERT.search(n))
+        return plain + min(experts, expert_budget)
+
+    groups = list(by_layer.values()) or [[]]
+    stats = max(layer_stats(g) for g in groups)
+    solve = max((d_out * d_in for g in groups for _, (d_out, d_in) in g), default=0) * 4 * 4
+    layer_weights = max(sum(d_out * d_in for _, (d_out, d_in) in g) for g in groups) * element
     weights = int(structure.get("parameters", 0)) * element
     parts = {"overhead": OVERHEAD, "weights": weights, "activations": activations, "statistics": stats,
              "solve": solve, "layer_weights": layer_weights}

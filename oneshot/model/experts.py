@@ -238,11 +238,21 @@ class _Block:
                 names.append(name)
             fused[param] = _Fused(getattr(module, param), mats, names)
         self.view = _View(module, fused)
+        self.signature = inspect.signature(self.eager)
         self.routed = torch.zeros(self.count, dtype=torch.float64)  # (token, slot) pairs sent to each expert
         self.saliency = torch.zeros(self.count, dtype=torch.float64)  # Σ router weight × ‖expert output‖
 
-    def run(self, hidden, index, weights, *rest, **kwargs):
-        return self.eager(self.view, hidden, index, weights, *rest, **kwargs)
+    def run(self, *args, **kwargs):
+        return self.eager(self.view, *args, **kwargs)
+
+    def routing(self, args, kwargs) -> tuple:
+        """(hidden states, top-k expert indices, top-k weights) from a call's arguments, by position or name."""
+        bound = self.signature.bind(None, *args, **kwargs)
+        values = list(bound.arguments.values())[1:4]
+        if len(values) < 3:
+            raise OneshotError(f"{self.path}: its forward takes {list(self.signature.parameters)[1:]}, not (hidden "
+                               "states, expert indices, expert weights); this expert layout is not supported")
+        return tuple(values)
 
     def alone(self, hidden: torch.Tensor, e: int) -> torch.Tensor:
         """Expert ``e``'s output for every row of ``hidden``, router weight 1."""
@@ -285,16 +295,19 @@ class ExpertRouting:
             block.module.__dict__.pop("forward", None)
 
     def _forward(self, block: _Block):
-        def forward(hidden, index, weights, *rest, **kwargs):
+        def forward(*args, **kwargs):
+            if not (self.record or self.all_tokens):
+                return block.run(*args, **kwargs)
+            hidden, index, weights = block.routing(args, kwargs)
             if self.record:
                 self._record(block, hidden, index, weights)
             if not self.all_tokens:
-                return block.run(hidden, index, weights, *rest, **kwargs)
+                return block.run(*args, **kwargs)
             chosen = range(block.count) if self.only is None else sorted(self.only.get(block.path, ()))
             for e in chosen:  # statistics: every token through every expert, one expert at a time
                 block.alone(hidden, e)
             with self.quiet():
-                return block.run(hidden, index, weights, *rest, **kwargs)
+                return block.run(*args, **kwargs)
 
         return forward
 

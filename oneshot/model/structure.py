@@ -164,6 +164,9 @@ def block_coverage(layer: nn.Module, prefix: str, matrices: dict[str, nn.Module]
                 "router, norm, convolution or state-space part; --ignore it to keep it dense"
             )
         kept.append({"name": full, "shape": list(param.shape), "reason": reason})
+    for full, module in expert_matrices(layer, prefix).items():  # experts left out of a fused parameter
+        if full not in matrices and id(module.fused) in pruned:
+            kept.append({"name": full, "shape": list(module.shape), "reason": "--ignore"})
     return kept
 
 
