@@ -351,3 +351,38 @@ def test_resume_after_a_failure_with_experts_removed(load, tmp_path, calib_txt, 
     a, b = load_state_dict(str(tmp_path / "ref")), load_state_dict(str(tmp_path / "out"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert _load(str(tmp_path / "out")).config.num_experts == 6
+
+
+def test_per_expert_linears_are_linears_and_their_router_stays_dense():
+    """Older and remote-code MoE blocks: experts as a ModuleList of MLPs of nn.Linear, the router an
+    nn.Linear named gate; a shared expert's one-output gate is a router too."""
+    from torch import nn
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w2, self.w3 = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 32)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(16, 4, bias=False)
+            self.experts = nn.ModuleList(MLP() for _ in range(4))
+            self.shared_expert = MLP()
+            self.shared_expert_gate = nn.Linear(16, 1, bias=False)
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(16, 16)
+            self.block_sparse_moe = Block()
+            self.norm = nn.LayerNorm(16)
+
+    layer = Layer()
+    names = set(find_linears(layer, "L"))
+    assert "L.block_sparse_moe.gate" not in names and "L.block_sparse_moe.shared_expert_gate" not in names
+    assert {f"L.block_sparse_moe.experts.{e}.w{k}" for e in range(4) for k in (1, 2, 3)} <= names
+    assert "L.block_sparse_moe.shared_expert.w1" in names and "L.q_proj" in names
+    kept = {d["name"]: d["reason"] for d in block_coverage(layer, "L", find_linears(layer, "L"))}
+    assert kept == {"L.block_sparse_moe.gate.weight": "router",
+                    "L.block_sparse_moe.shared_expert_gate.weight": "router"}
