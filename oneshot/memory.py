@@ -46,7 +46,8 @@ def estimate(cfg: PruneConfig, hf_config, structure: dict, gguf: bool = False, s
     text = getattr(hf_config, "text_config", None) or hf_config
     hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0) or getattr(text, "d_model", 0))
     by_layer: dict[str, list[tuple[str, tuple[int, int]]]] = {}
-    start = len(structure.get("layers_path", "")) + 1
+    path = structure.get("layers_path", "")
+    start = len(path) + 1 if path else 0
     for name, shape in structure["linears"].items():
         by_layer.setdefault(name[start:].split(".")[0], []).append((name, tuple(shape)))
     activations = cfg.nsamples * cfg.seqlen * hidden * compute * (3 if cfg.update == "block" else 2)
