@@ -7,6 +7,7 @@ import shutil
 import time
 
 from .calibration import Calibration, describe_source, read_calibration, tokenize_calibration
+from .checks import check_out, check_safetensors, check_text
 from .config import EvalConfig, PruneConfig
 from .distributed import Group
 from .distributed import check as check_distributed
@@ -21,7 +22,7 @@ from .memory import check as check_memory
 from .memory import estimate as estimate_memory
 from .model.source import context_length, load_config, load_model, load_tokenizer, resolve_source
 from .model.structure import inspect_structure
-from .output import atomic_output_dir, partial_dir, write_json
+from .output import atomic_output_dir, output_lock, partial_dir, write_json
 from .report import check_plotting
 from .report import plot as plot_report
 from .run import Run
@@ -95,12 +96,15 @@ def _prepare(cfg: PruneConfig, started: float, progress: bool) -> Run:
     calib_text = None  # read first: a hub dataset that cannot be reached fails before anything else
     if calib_kind != "self":
         calib_text = read_calibration(cfg.calib, cfg.nsamples, cfg.seqlen, cfg.seed, cfg.text_field)
+        check_text("\n".join(calib_text.texts), cfg.calib)
     hf_config = load_config(source, cfg.trust_remote_code)
     limit = context_length(hf_config)
     if limit is not None and cfg.seqlen > limit:
         raise OneshotError(f"--seqlen {cfg.seqlen} is beyond the model's context of {limit} tokens")
     structure = inspect_structure(hf_config, cfg.nm, cfg.ignore, cfg.trust_remote_code)
     check_moe(cfg, structure, hf_config)
+    if source.kind == "local" and os.path.isdir(source.path):
+        check_safetensors(source.path)
     group, device_name = setup_distributed(cfg.device)
     check_distributed(cfg, group)
     device = resolve_device(device_name)
@@ -117,6 +121,9 @@ def _prepare(cfg: PruneConfig, started: float, progress: bool) -> Run:
     memory = estimate_memory(cfg, hf_config, structure, gguf=source.kind == "gguf", streaming=streaming)
     if cfg.memory_check:
         check_memory(cfg, memory, device)
+    if cfg.out is not None and (group is None or group.is_writer):  # the output, its journal (layers or activations)
+        output = memory["parts"]["output"]
+        check_out(cfg.out, output + (memory["parts"]["activations"] if streaming else output))
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
     calibration: Calibration | None = None
     if calib_text is not None:
@@ -154,9 +161,8 @@ def _prune_into(run: Run, cfg: PruneConfig, plot: bool) -> dict:
     fp = fingerprint(cfg, model_files(source.path, source.kind, source.gguf_file), str(run.device),
                      run.streamed is not None)
     partial = partial_dir(cfg.out)
-    if not cfg.resume and os.path.isdir(partial):
-        shutil.rmtree(partial)  # an earlier run's leftovers: this run starts over
-    with atomic_output_dir(cfg.out, cfg.overwrite, partial=partial, keep_if=Journal.finished_in) as tmp:
+    with output_lock(cfg.out), atomic_output_dir(cfg.out, cfg.overwrite, partial=partial,
+                                                  keep_if=Journal.finished_in, fresh=not cfg.resume) as tmp:
         journal = Journal(tmp)
         if cfg.resume and Journal.finished_in(tmp):
             journal.open(fp)  # refuses a different configuration, before any weight is read

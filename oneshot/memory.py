@@ -69,7 +69,7 @@ def estimate(cfg: PruneConfig, hf_config, structure: dict, gguf: bool = False, s
     layer_weights = max(sum(d_out * d_in for _, (d_out, d_in) in g) for g in groups) * element
     weights = int(structure.get("parameters", 0)) * element
     parts = {"overhead": OVERHEAD, "weights": weights, "activations": activations, "statistics": stats,
-             "solve": solve, "layer_weights": layer_weights}
+             "solve": solve, "layer_weights": layer_weights, "output": weights}
     # one layer as read, as it runs (compute dtype) and its changes for the error report (stored dtype)
     layer_peak = layer_weights * (1 + compute / element) + layer_weights
     if streaming:  # everything outside the layers (the head only at the end, when the layers are gone)

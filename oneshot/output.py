@@ -19,13 +19,14 @@ def partial_dir(out: str) -> str:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: str, overwrite: bool, partial: str | None = None, keep_if=None):
+def atomic_output_dir(out: str, overwrite: bool, partial: str | None = None, keep_if=None, fresh: bool = False):
     """Yield a temporary directory beside ``out``; on success rename it into place.
 
     On any failure (or Ctrl-C) the temporary directory is removed and ``out`` is left as it was.
     An existing non-empty ``out`` is replaced only with ``overwrite``. ``partial``: use this fixed
     directory (a journaled run: it may hold an earlier run's progress) and, on failure, keep it when
-    ``keep_if(partial)`` is true, so ``--resume`` can continue.
+    ``keep_if(partial)`` is true, so ``--resume`` can continue; ``fresh``: discard what an earlier
+    run left there first (after the checks on ``out``).
     """
     out = os.path.abspath(out)
     parent = os.path.dirname(out)
@@ -33,6 +34,8 @@ def atomic_output_dir(out: str, overwrite: bool, partial: str | None = None, kee
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise OneshotError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
     if partial is not None:
+        if fresh and os.path.isdir(partial):
+            shutil.rmtree(partial)  # an earlier run's leftovers: this run starts over
         os.makedirs(partial, exist_ok=True)
         tmp = partial
     else:
@@ -103,3 +106,47 @@ def default_out(name: str, method: str, pattern: str, sparsity: float, resume: b
             if os.path.isdir(partial_dir(candidate)):
                 return candidate
     return next(c for c in candidates if not os.path.lexists(c))
+
+
+def lock_path(out: str) -> str:
+    out = os.path.abspath(out)
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.oneshot-lock")
+
+
+@contextlib.contextmanager
+def output_lock(out: str):
+    """One writer per output: an exclusive ``flock`` on a lock file beside ``out`` for the whole run.
+    A second run on the same ``out`` fails at once, naming the first (PID, host, start). The kernel
+    drops the lock when its process dies, so a run killed with ``kill -9`` never blocks the next."""
+    import fcntl
+    import socket
+    import time
+
+    path = lock_path(out)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with contextlib.suppress(OSError):
+                holder = os.read(fd, 512).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise OneshotError(f"--out {os.path.abspath(out)} is being written by another oneshot run "
+                               f"({holder or 'unknown'}); wait for it to finish or choose another --out") from None
+        try:  # the file may have been removed by the run that held it just before we locked it
+            same = os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"PID {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}"
+             .encode())
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still locked: a run waiting on this file retries on a new one
+        os.close(fd)
