@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -17,7 +18,7 @@ from .engine.moe import check_removal
 from .errors import OneshotError
 from .evaluate import Evaluator, compare
 from .formats.store import REPORT
-from .journal import Journal, fingerprint, model_files
+from .journal import Journal, differences, fingerprint, model_files
 from .memory import check as check_memory
 from .memory import estimate as estimate_memory
 from .model.source import context_length, load_config, load_model, load_tokenizer, resolve_source
@@ -161,8 +162,39 @@ def _prune_into(run: Run, cfg: PruneConfig, plot: bool) -> dict:
     fp = fingerprint(cfg, model_files(source.path, source.kind, source.gguf_file), str(run.device),
                      run.streamed is not None)
     partial = partial_dir(cfg.out)
-    with output_lock(cfg.out), atomic_output_dir(cfg.out, cfg.overwrite, partial=partial,
-                                                  keep_if=Journal.finished_in, fresh=not cfg.resume) as tmp:
+    run.fp = fp
+    with output_lock(cfg.out):
+        done = _complete_output(cfg, fp, partial)
+        if done is not None:
+            return done
+        return _journaled(run, cfg, plot, fp, partial)
+
+
+def _complete_output(cfg: PruneConfig, fp: dict, partial: str) -> dict | None:
+    """``--resume`` on an output a run with this configuration completed: its report, untouched (CI
+    jobs can always pass ``--resume``); one made otherwise is refused, naming the difference."""
+    report_path = os.path.join(cfg.out, REPORT)
+    if not cfg.resume or cfg.overwrite or os.path.isdir(partial) or not os.path.isfile(report_path):
+        return None
+    try:
+        with open(report_path, encoding="utf-8") as fh:
+            report = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if "fingerprint" not in report:
+        return None
+    diff = differences(report["fingerprint"], fp)
+    if diff:
+        raise OneshotError(f"--resume: {os.path.abspath(cfg.out)} is complete and was made with a different "
+                           f"configuration: {'; '.join(diff)}; pass --overwrite to replace it")
+    report.setdefault("notes", []).append("--resume: the output was already complete; nothing was done")
+    return report
+
+
+def _journaled(run: Run, cfg: PruneConfig, plot: bool, fp: dict, partial: str) -> dict:
+    """Prune into the partial directory (journaled; continued with ``--resume``), renamed into place."""
+    with atomic_output_dir(cfg.out, cfg.overwrite, partial=partial, keep_if=Journal.finished_in,
+                           fresh=not cfg.resume) as tmp:
         journal = Journal(tmp)
         if cfg.resume and Journal.finished_in(tmp):
             journal.open(fp)  # refuses a different configuration, before any weight is read

@@ -205,7 +205,8 @@ class PruneConfig:
             out = os.path.abspath(self.out)
             if os.path.isfile(out):
                 raise OneshotError(f"--out {self.out} is an existing file; give a directory")
-            if os.path.isdir(out) and os.listdir(out) and not self.overwrite:
+            complete = self.resume and os.path.isfile(os.path.join(out, "report.json"))  # --resume decides later
+            if os.path.isdir(out) and os.listdir(out) and not self.overwrite and not complete:
                 raise OneshotError(f"--out {self.out} exists and is not empty; pass --overwrite to replace it")
         return self
 

@@ -35,7 +35,10 @@ _NOT_FINGERPRINTED = ("out", "overwrite", "memory_check", "resume", "load", "off
 
 
 def fingerprint(cfg: PruneConfig, model_files: dict[str, int], device: str, streaming: bool) -> dict:
+    """What a resumed run must share with the partial (or complete) one: every option that changes
+    the output, by its effective value (``--sparsity 0.5`` whether given or the default)."""
     options = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_FINGERPRINTED}
+    options["sparsity"] = cfg.constraint.sparsity
     return {"options": options, "model_files": model_files, "device": device, "streaming": streaming,
             "oneshot": __version__}
 
@@ -50,7 +53,7 @@ def model_files(path: str, kind: str, gguf_file: str | None = None) -> dict[str,
             if n.endswith((".safetensors", ".bin", ".gguf"))}
 
 
-def _differences(old: dict, new: dict) -> list[str]:
+def differences(old: dict, new: dict) -> list[str]:
     new = json.loads(json.dumps(new))  # compare as stored (tuples become lists)
     out = []
     before, now = old.get("options", {}), new.get("options", {})
@@ -103,7 +106,7 @@ class Journal:
         """The saved state of an earlier run with this fingerprint; refuses one that differs."""
         with open(self.path(STATE), encoding="utf-8") as fh:
             state = json.load(fh)
-        diff = _differences(state["fingerprint"], fp)
+        diff = differences(state["fingerprint"], fp)
         if diff:
             raise OneshotError(f"--resume: the partial run in {os.path.dirname(self.dir)} was made with a different "
                                f"configuration: {'; '.join(diff)}; rerun without --resume to start over")

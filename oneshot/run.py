@@ -281,6 +281,8 @@ class Run:
         report["phases_seconds"]["save"] = round(time.perf_counter() - t, 3)
         report["seconds"] = round(time.perf_counter() - self.started, 3)
         report["out"] = os.path.abspath(cfg.out)
+        if self.fp is not None:
+            report["fingerprint"] = self.fp  # what a later --resume on the complete output compares
         write_json(os.path.join(tmp, REPORT), report)
         return report
 

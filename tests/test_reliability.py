@@ -98,3 +98,17 @@ def test_binary_calibration_text_is_refused(llama, tmp_path, capsys):
     junk.write_bytes(os.urandom(200_000))
     assert _prune(llama, tmp_path / "o", str(junk)) == 2
     assert "binary or undecodable" in _one_line(capsys)
+
+
+def test_resume_on_a_complete_output_changes_nothing(llama, calib_txt, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert _prune(llama, out, calib_txt, "--resume") == 0
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
+    assert _prune(llama, out, calib_txt, "--resume") == 0
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
+    capsys.readouterr()
+    # a different configuration is refused, naming the effective values of both
+    assert _prune(llama, out, calib_txt, "--resume", "--sparsity", "0.6") == 2
+    line = _one_line(capsys)
+    assert "is complete and was made with a different configuration: --sparsity (0.5 then, 0.6 now)" in line
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before

@@ -203,7 +203,7 @@ def test_resume_refuses_a_different_configuration(deep, calib_txt, tmp_path):
     done = subprocess.run(_cli(deep, out, calib_txt, "--resume", "--sparsity", "0.6"), env=env,
                           capture_output=True, text=True)
     assert done.returncode != 0
-    assert "different configuration: --sparsity (None then, 0.6 now)" in done.stderr
+    assert "different configuration: --sparsity (0.5 then, 0.6 now)" in done.stderr
     assert os.path.isdir(partial_dir(out)), "the journal survives a refused resume"
     # without --resume the run starts over and discards the journal
     subprocess.run(_cli(deep, out, calib_txt), check=True, env=env)
