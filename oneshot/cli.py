@@ -247,6 +247,27 @@ def _print_json(data: dict) -> None:
     sys.stdout.write("\n")
 
 
+class Interrupted(KeyboardInterrupt):
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def interrupted_message(out: str | None) -> str:
+    """What an interrupted prune kept, and how to go on: the partial directory a journal made
+    resumable, or nothing."""
+    from .journal import Journal
+    from .output import partial_dir
+
+    if out is not None:
+        partial = partial_dir(out)
+        done = Journal.finished_in(partial) if os.path.isdir(partial) else 0
+        if done:
+            return (f"interrupted; {done} finished layer(s) are kept in {partial}: run the same command with "
+                    f"--resume to continue, or delete that directory; --out {out} was not written")
+    return "interrupted; nothing was written" + (f" (--out {out} is as it was)" if out else "")
+
+
 def _run_prune(args) -> int:
     from .api import prune
     from .distributed import launched
@@ -266,8 +287,11 @@ def _run_prune(args) -> int:
     evaluation = _eval_config(args) if args.eval or args.eval_baseline else None
     rank = int(os.environ.get("RANK", "0")) if launched() else 0
     quiet = args.quiet or args.json or rank != 0  # under torchrun only rank 0 reports
-    result = prune(config=config, progress=not quiet, evaluation=evaluation,
-                   eval_baseline=args.eval_baseline, plot=args.plot)
+    try:
+        result = prune(config=config, progress=not quiet, evaluation=evaluation,
+                       eval_baseline=args.eval_baseline, plot=args.plot)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(config.out)) from None
     if rank != 0:
         return 0
     if args.json:
@@ -370,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     except OneshotError as exc:
         print(f"oneshot: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("oneshot: interrupted; nothing was written", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"oneshot: {getattr(exc, 'message', 'interrupted')}", file=sys.stderr)
         return 130
     return EXIT_USAGE

@@ -112,3 +112,27 @@ def test_resume_on_a_complete_output_changes_nothing(llama, calib_txt, tmp_path,
     line = _one_line(capsys)
     assert "is complete and was made with a different configuration: --sparsity (0.5 then, 0.6 now)" in line
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
+
+
+def test_an_interrupt_says_what_was_kept_and_how_to_go_on(llama, calib_txt, tmp_path, capsys, monkeypatch):
+    import oneshot.run as run_module
+
+    out = tmp_path / "o"
+    original = run_module.Run._layer_done
+
+    def interrupt_after_first(self, i, layer, state):
+        original(self, i, layer, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module.Run, "_layer_done", interrupt_after_first)
+    assert _prune(llama, out, calib_txt, "--journal-interval", "0") == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 finished layer(s) are kept in" in err[0] and "--resume" in err[0], err
+    assert not out.exists()
+    monkeypatch.undo()
+    assert _prune(llama, out, calib_txt, "--journal-interval", "0", "--resume") == 0
+
+    monkeypatch.setattr(run_module.Run, "prune", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert _prune(llama, tmp_path / "p", calib_txt) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"oneshot: interrupted; nothing was written (--out {tmp_path / 'p'} is as it was)"], err
