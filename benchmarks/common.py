@@ -59,3 +59,37 @@ def machine() -> str:
     import torch
 
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def write_random_shards(directory: str, shapes: dict[str, tuple], layers: int, seed: int = 0) -> int:
+    """A random bf16 checkpoint of these tensor shapes, one shard per decoder layer and one for the rest
+    (never the whole model in memory), with its index: ones for 1-D tensors, N(0, 0.02) otherwise.
+    Returns the bytes written."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    groups = [[n for n in shapes if n.startswith(f"model.layers.{i}.")] for i in range(layers)]
+    groups.append([n for n in shapes if not n.startswith("model.layers.")])
+    os.makedirs(directory, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    weight_map, total = {}, 0
+    for k, names in enumerate(groups):
+        name = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for n in names:
+            shape = shapes[n]
+            if len(shape) == 1:
+                tensors[n] = torch.ones(shape, dtype=torch.bfloat16)
+            else:
+                tensors[n] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+            weight_map[n] = name
+            total += tensors[n].numel() * 2
+        save_file(tensors, os.path.join(directory, name), metadata={"format": "pt"})
+        del tensors
+        print(f"\r{k + 1}/{len(groups)} shards, {total / 1e9:.2f} GB", end="", flush=True)
+    print()
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as fh:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
+    return total

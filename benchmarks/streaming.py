@@ -40,12 +40,12 @@ SHAPES = {
 
 
 def make(directory: str, shape: str, layers: int | None, seed: int) -> None:
-    import torch
     import transformers as tf
     from accelerate import init_empty_weights
-    from safetensors.torch import save_file
 
     sys.path.insert(0, os.path.join(ROOT, "tests"))
+    sys.path.insert(0, ROOT)
+    from benchmarks.common import write_random_shards
     from tiny import make_tokenizer
 
     dims = dict(SHAPES[shape])
@@ -56,27 +56,7 @@ def make(directory: str, shape: str, layers: int | None, seed: int) -> None:
     with init_empty_weights():
         skeleton = tf.AutoModelForCausalLM.from_config(config)
     shapes = {n: p.shape for n, p in skeleton.named_parameters()}
-    groups = [[n for n in shapes if n.startswith(f"model.layers.{i}.")] for i in range(layers)]
-    groups.append([n for n in shapes if not n.startswith("model.layers.")])
-    os.makedirs(directory, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
-    weight_map, total = {}, 0
-    for k, names in enumerate(groups):
-        name = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {}
-        for n in names:
-            shape = shapes[n]
-            if len(shape) == 1:
-                tensors[n] = torch.ones(shape, dtype=torch.bfloat16)
-            else:
-                tensors[n] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
-            weight_map[n] = name
-            total += tensors[n].numel() * 2
-        save_file(tensors, os.path.join(directory, name), metadata={"format": "pt"})
-        print(f"\r{k + 1}/{len(groups)} shards, {total / 1e9:.2f} GB", end="", flush=True)
-    print()
-    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as fh:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
+    total = write_random_shards(directory, shapes, layers, seed)
     config.save_pretrained(directory)
     make_tokenizer().save_pretrained(directory)
     print(f"{directory}: {total / 1e9:.2f} GB ({total / 2**30:.2f} GiB) of bf16 weights, {layers} layers")
