@@ -386,3 +386,24 @@ def test_per_expert_linears_are_linears_and_their_router_stays_dense():
     kept = {d["name"]: d["reason"] for d in block_coverage(layer, "L", find_linears(layer, "L"))}
     assert kept == {"L.block_sparse_moe.gate.weight": "router",
                     "L.block_sparse_moe.shared_expert_gate.weight": "router"}
+
+
+@pytest.mark.parametrize("load", ["stream", "full"])
+def test_bfloat16_moe_checkpoint(load, tmp_path, calib_txt):
+    """What users have: a bf16 checkpoint in the hub's per-expert layout. Layers compute in float32 on
+    the CPU; every expert comes back in bf16, exactly 2:4, +0.0 in pruned slots."""
+    src = make_tiny_model("qwen3_moe", str(tmp_path / "src"), torch.bfloat16)
+    out = tmp_path / "o"
+    assert _prune(src, out, calib_txt, "--method", "sparsegpt", "--pattern", "2:4", "--load", load,
+                  "--remove-experts", "0.25") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["load"]["streaming"] == (load == "stream") and report["compute_dtype"] == "float32"
+    model = _load(str(out))
+    assert model.dtype == torch.bfloat16 and model.config.num_experts == 6
+    fused = model.model.layers[0].mlp.experts.gate_up_proj
+    assert fused.dtype == torch.bfloat16
+    for e in range(fused.shape[0]):
+        w = fused[e].float()
+        assert check_constraint(w, Constraint(0.5, 2, 4)) is None
+        assert not (torch.signbit(fused[e]) & (fused[e] == 0)).any()
+    assert main(["verify", str(out), "--quiet"]) == 0
