@@ -17,7 +17,7 @@ from .engine import LayerIO, prune_layers
 from .engine.moe import replay_removals
 from .errors import OneshotError
 from .formats.ondisk import on_disk
-from .formats.store import PERMUTATIONS, REPORT, SIDECAR, describe_storage, read_raw, rewrite
+from .formats.store import PERMUTATIONS, REPORT, SIDECAR, describe_storage, read_raw, rewrite, seal
 from .journal import Journal
 from .model.source import load_model
 from .model.structure import find_decoder_layers, is_linear, stores_transposed
@@ -275,6 +275,7 @@ class Run:
             save_file(permutations, os.path.join(tmp, PERMUTATIONS))
         if self.writer is None:
             report["storage"] = describe_storage(tmp) if cfg.format == "dense" else rewrite(tmp, cfg.format)
+        report["run_id"] = seal(tmp, {s["file"]: s["sha256"] for s in self.shards.values() if "sha256" in s})
         if removed:
             report["experts"] = experts_summary(removed, before, parameters, source_bytes(self.source),
                                                 report["storage"]["weight_file_bytes"])

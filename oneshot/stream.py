@@ -28,7 +28,7 @@ from torch import nn
 from .engine import LayerIO
 from .errors import OneshotError
 from .formats.ondisk import expert_sources, layout_only, on_disk
-from .formats.store import encode, file_prefix, files_bytes, format_sizes, size_summary, tensor_key
+from .formats.store import encode, file_prefix, file_sha256, files_bytes, format_sizes, size_summary, tensor_key
 from .model.source import ModelSource, hub_error
 from .model.structure import find_decoder_layers, find_linears, stores_transposed
 from .output import write_json
@@ -318,9 +318,11 @@ class ShardWriter:
         path = os.path.join(self.directory, name)
         save_file({k: v.contiguous() for k, v in stored.items()}, path + ".tmp",
                   metadata={"format": "pt"})  # one key: safetensors orders several by hash, which varies by process
+        digest = file_sha256(path + ".tmp")  # still in the page cache: the sidecar records it at the end
         os.replace(path + ".tmp", path)
         sizes = format_sizes(tensors, part, perms) if layers else {}
         return {"keys": sorted(stored), "bytes": sum(v.numel() * v.element_size() for v in stored.values()),
+                "sha256": digest, "file": name,
                 "layers": layers,
                 "sizes": {k: v["pruned_layer_bytes"] for k, v in sizes.items()}}
 
@@ -346,11 +348,13 @@ def save_metadata(streamed: StreamedModel, source_dir: str, tokenizer, directory
     config.use_cache = True
     config.save_pretrained(directory)
     config.use_cache = False
-    try:
-        from transformers import GenerationConfig
+    from transformers import GenerationConfig
 
-        GenerationConfig.from_pretrained(source_dir).save_pretrained(directory)
-    except (OSError, ValueError):
-        pass
+    try:
+        generation = GenerationConfig.from_pretrained(source_dir)
+    except (OSError, ValueError):  # the source has none
+        generation = None
+    if generation is not None:
+        generation.save_pretrained(directory)  # a failure to write is the run's failure
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

@@ -7,10 +7,27 @@ in the loaded model), and one forward pass gives finite logits. Each failure is 
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 
 from .constraint import Constraint, parse_pattern
-from .formats.store import as_matrix, decode, matrix_of, pruned_matrices, read_permutations, read_raw, read_sidecar
+from .errors import OneshotError
+from .formats.store import (
+    PERMUTATIONS,
+    REPORT,
+    SIDECAR,
+    as_matrix,
+    decode,
+    file_sha256,
+    matrix_of,
+    pruned_matrices,
+    read_permutations,
+    read_raw,
+    read_sidecar,
+    weight_files,
+)
 from .masks import check_constraint
 
 
@@ -38,16 +55,58 @@ def _layer_problems(key: str, weight: torch.Tensor, layer: dict, perm) -> list[s
     return problems
 
 
+def _provenance_problems(directory: str, sidecar: dict) -> list[str]:
+    """Every weight file is the one this output's run wrote (its SHA-256 as the sidecar recorded it), and
+    the report names the same run: a shard or report from another run, or a file changed since, fails."""
+    recorded = sidecar.get("files")
+    if recorded is None:  # an output written before oneshot recorded digests
+        return []
+    problems = []
+    fmt = sidecar.get("format", "dense")
+    try:
+        present = set(weight_files(directory, fmt))
+    except OneshotError as exc:
+        return [str(exc)]
+    for name in sorted(present - set(recorded)):
+        problems.append(f"{name}: not a file this output's run wrote (its sidecar does not list it)")
+    for name, digest in sorted(recorded.items()):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            problems.append(f"{name}: missing (the sidecar records it)")
+        elif file_sha256(path) != digest:
+            problems.append(f"{name}: its contents differ from what run {sidecar.get('run_id')} wrote "
+                            "(a shard of another run, or changed since)")
+    report_path = os.path.join(directory, REPORT)
+    if os.path.isfile(report_path):
+        try:
+            with open(report_path, encoding="utf-8") as fh:
+                report_run = json.load(fh).get("run_id")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as exc:
+            problems.append(f"{REPORT}: damaged ({type(exc).__name__}: {exc})")
+        else:
+            if report_run != sidecar.get("run_id"):
+                problems.append(f"{REPORT}: written by run {report_run}, the weights by run {sidecar.get('run_id')}")
+    return problems
+
+
 def verify(directory: str, forward: bool = True) -> dict:
     """{"ok": bool, "failures": [one line each], "checked": {...}} for a oneshot output."""
-    failures: list[str] = []
-    sidecar = read_sidecar(directory)
+    if not os.path.isfile(os.path.join(directory, SIDECAR)):
+        read_sidecar(directory)  # not a oneshot output: bad input, one error line
+    try:
+        sidecar = read_sidecar(directory)
+    except OneshotError as exc:  # there but damaged: a failure of the output
+        return {"ok": False, "failures": [str(exc)], "checked": {}}
+    failures = _provenance_problems(directory, sidecar)
     fmt = sidecar.get("format", "dense")
-    perms = read_permutations(directory)
+    try:
+        perms = read_permutations(directory)
+    except Exception as exc:  # noqa: BLE001 - a damaged file is a failure to report, not a crash
+        return {"ok": False, "failures": failures + [f"{PERMUTATIONS} could not be read: {exc}"], "checked": {}}
     try:
         state = decode(read_raw(directory, fmt), sidecar, perms, fmt)
     except Exception as exc:  # noqa: BLE001 - a damaged file is a failure to report, not a crash
-        return {"ok": False, "failures": [f"weights could not be read as {fmt}: {exc}"], "checked": {}}
+        return {"ok": False, "failures": failures + [f"weights could not be read as {fmt}: {exc}"], "checked": {}}
     pruned = pruned_matrices(sidecar, perms)
     for name, (key, expert, layer, perm) in pruned.items():
         label = key if expert is None else name

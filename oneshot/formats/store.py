@@ -32,8 +32,14 @@ def read_sidecar(directory: str) -> dict:
     path = os.path.join(directory, SIDECAR)
     if not os.path.isfile(path):
         raise OneshotError(f"{directory}: no {SIDECAR}, so not a oneshot output")
-    with open(path, encoding="utf-8") as fh:
-        sidecar = json.load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            sidecar = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OneshotError(f"{path} is damaged (truncated or not JSON: {exc}); the output cannot be trusted, "
+                           "prune again") from None
+    if not isinstance(sidecar, dict):
+        raise OneshotError(f"{path} is damaged (not a JSON object); the output cannot be trusted, prune again")
     if sidecar.get("format", "dense") not in FORMATS:
         raise OneshotError(f"{directory}: unknown weight format {sidecar.get('format')!r} in {SIDECAR}")
     return sidecar
@@ -59,6 +65,34 @@ def _weight_file_names(directory: str) -> list[str]:
         if name.endswith((".safetensors", ".safetensors.index.json")) and name.startswith(("model", "oneshot-")):
             names.append(name)
     return names
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def seal(directory: str, known: dict[str, str] | None = None) -> str:
+    """Record in the sidecar the SHA-256 of every weight file (and the permutations) as written, and a run
+    id derived from them, which the report repeats: ``verify`` then finds a shard or a report that another
+    run wrote. ``known``: digests computed as the files were written. Returns the run id."""
+    import hashlib
+
+    sidecar = read_sidecar(directory)
+    names = weight_files(directory, sidecar.get("format", "dense"))
+    if os.path.isfile(os.path.join(directory, PERMUTATIONS)):
+        names.append(PERMUTATIONS)
+    known = known or {}
+    files = {n: known.get(n) or file_sha256(os.path.join(directory, n)) for n in sorted(names)}
+    run_id = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+    sidecar["files"], sidecar["run_id"] = files, run_id
+    write_json(os.path.join(directory, SIDECAR), sidecar)
+    return run_id
 
 
 def read_raw(directory: str, fmt: str) -> dict[str, torch.Tensor]:
@@ -247,11 +281,13 @@ def rewrite(directory: str, fmt: str, source: str | None = None) -> dict:
     summary = {"format": fmt, "weight_file_bytes": files_bytes(directory, fmt), "formats": sizes}
     sidecar["format"] = fmt
     write_json(os.path.join(directory, SIDECAR), sidecar)
+    run_id = seal(directory)
     report_path = os.path.join(directory, REPORT)
     if os.path.isfile(report_path):
         with open(report_path, encoding="utf-8") as fh:
             report = json.load(fh)
         report["storage"] = summary
+        report["run_id"] = run_id
         write_json(report_path, report)
     return summary
 
