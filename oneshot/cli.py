@@ -9,7 +9,7 @@ import os
 import sys
 
 from .config import PAPER_TASKS, PRESETS, EvalConfig, PruneConfig
-from .errors import OneshotError
+from .errors import OneshotError, environment_fault
 from .version import __version__
 
 EXIT_USAGE = 2
@@ -253,8 +253,8 @@ class Interrupted(KeyboardInterrupt):
         self.message = message
 
 
-def interrupted_message(out: str | None) -> str:
-    """What an interrupted prune kept, and how to go on: the partial directory a journal made
+def kept_message(out: str | None) -> str:
+    """What a prune that stopped early kept, and how to go on: the partial directory a journal made
     resumable, or nothing."""
     from .journal import Journal
     from .output import partial_dir
@@ -263,9 +263,13 @@ def interrupted_message(out: str | None) -> str:
         partial = partial_dir(out)
         done = Journal.finished_in(partial) if os.path.isdir(partial) else 0
         if done:
-            return (f"interrupted; {done} finished layer(s) are kept in {partial}: run the same command with "
+            return (f"{done} finished layer(s) are kept in {partial}: run the same command with "
                     f"--resume to continue, or delete that directory; --out {out} was not written")
-    return "interrupted; nothing was written" + (f" (--out {out} is as it was)" if out else "")
+    return "nothing was written" + (f" (--out {out} is as it was)" if out else "")
+
+
+def interrupted_message(out: str | None) -> str:
+    return f"interrupted; {kept_message(out)}"
 
 
 def _run_prune(args) -> int:
@@ -292,6 +296,11 @@ def _run_prune(args) -> int:
                        eval_baseline=args.eval_baseline, plot=args.plot)
     except KeyboardInterrupt:
         raise Interrupted(interrupted_message(config.out)) from None
+    except Exception as exc:
+        fault = environment_fault(exc)
+        if fault is None:
+            raise
+        raise OneshotError(f"{fault}; {kept_message(config.out)}") from None
     if rank != 0:
         return 0
     if args.json:
@@ -383,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TQDM_DISABLE", "1")  # bars transformers draws with tqdm directly (GGUF reading)
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # datasets' "Generating ... split"
+        if "datasets" in sys.modules:  # already imported (a caller's process): its setting was read then
+            sys.modules["datasets"].disable_progress_bars()
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
@@ -397,4 +409,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print(f"oneshot: {getattr(exc, 'message', 'interrupted')}", file=sys.stderr)
         return 130
+    except Exception as exc:
+        fault = environment_fault(exc)
+        if fault is None:
+            raise  # an internal error: the traceback is for a bug report
+        out = getattr(args, "out", None) if args.command == "convert" else None
+        kept = f" (--out {os.path.abspath(out)} is as it was)" if out else ""
+        print(f"oneshot: error: {fault}{kept}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_USAGE

@@ -48,7 +48,12 @@ def atomic_output_dir(out: str, overwrite: bool, partial: str | None = None, kee
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.oneshot-old-", dir=parent)
             os.rmdir(old)
             os.rename(out, old)
-        os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if old:
+                os.rename(old, out)  # the earlier output goes back where it was
+            raise
         if old:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

@@ -32,6 +32,7 @@ from .layerio import LayerIO, onload, restore
 from .moe import remove_experts, score_experts
 from .owl import owl_densities
 from .state import RunState
+from .statistics import overflow_advice
 
 ERROR_TOKENS = 2048  # the forward hook measures each linear's output error on this many calibration tokens
 
@@ -59,6 +60,15 @@ class _Plan:
     ignore: tuple
     moe: dict  # {"calibrate": "all"|"routed", "remove": fraction or None, "score": "reap"|"frequency"}
     config: object  # the model's (text) config: expert counts change when experts are removed
+
+
+def check_finite_weights(module: torch.nn.Module, prefix: str) -> None:
+    """NaN/Inf where it first appears: a weight of the checkpoint, named, before any input is blamed."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and tensor.numel() and not all_finite(tensor):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise OneshotError(f"{prefix}.{name}: the checkpoint holds {bad} NaN/Inf value(s) in this weight; "
+                               "the checkpoint is damaged: download or convert it again")
 
 
 @torch.no_grad()
@@ -156,11 +166,13 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
         stored = onload(io, i, layer, device, compute)
         phases["layer_io"] = phases.get("layer_io", 0.0) + time.perf_counter() - t
         linears = find_linears(layer, prefix, ignore)
+        check_finite_weights(layer, prefix)
         for b, hidden in enumerate(captured.hidden):
             if not all_finite(hidden):
                 raise OneshotError(
-                    f"non-finite values (NaN/Inf) reach decoder layer {i} ({prefix}) in calibration batch {b}; "
-                    "the model overflows in this dtype: try --dtype float32"
+                    f"non-finite values (NaN/Inf) reach decoder layer {i} ({prefix}) in calibration batch {b}: "
+                    f"the decoder layers before it have finite weights, so the activations overflow "
+                    f"{overflow_advice(hidden.dtype)}"
                 )
         kept = {}
         if plan.moe["remove"] and experts_modules(layer):

@@ -67,6 +67,14 @@ def add_inputs(st: Stats, x: torch.Tensor) -> None:
         st.sq_norms.add_((x * x).sum(0))
 
 
+def overflow_advice(dtype: torch.dtype) -> str:
+    """What to try when activations overflow in ``dtype``."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return f"in {str(dtype).replace('torch.', '')}: try --dtype float32"
+    return ("even in float32: the checkpoint is probably damaged or not a model of this architecture; "
+            "oneshot verify / a forward pass with transformers will show the same")
+
+
 def finish_stats(st: Stats) -> None:
     if st.hessian is not None:
         finish_hessian(st.hessian)
@@ -134,7 +142,8 @@ class LayerStatistics:
             if st.heldout is not None:
                 finish_stats(st.heldout)
             if not all_finite(st.sq_norms):
-                raise OneshotError(f"{name}: its inputs overflow to NaN/Inf in this dtype; try --dtype float32")
+                raise OneshotError(f"{name}: its inputs hold NaN/Inf (the layer's weights are finite, so its "
+                                   f"activations overflow {overflow_advice(x.dtype)})")
 
     def close(self) -> None:
         """After a statistics pass: finish every leader that missed some batches (an expert the router
