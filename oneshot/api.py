@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 
 from .calibration import Calibration, describe_source, read_calibration, tokenize_calibration
@@ -16,18 +17,20 @@ from .distributed import setup as setup_distributed
 from .distributed import teardown as teardown_distributed
 from .engine.moe import check_removal
 from .errors import OneshotError
+from .estimate import announce, estimate_time
 from .evaluate import Evaluator, compare
 from .formats.store import REPORT
 from .journal import Journal, differences, fingerprint, model_files
 from .memory import check as check_memory
 from .memory import estimate as estimate_memory
+from .memory import needs_hessians, storage_dtype
 from .model.source import context_length, load_config, load_model, load_tokenizer, resolve_source
 from .model.structure import inspect_structure
 from .output import atomic_output_dir, output_lock, partial_dir, write_json
 from .report import check_plotting
 from .report import plot as plot_report
 from .run import Run
-from .runtime import resolve_device
+from .runtime import compute_dtype_for, resolve_device
 from .stream import StreamedModel, local_checkpoint, streaming_plan
 
 
@@ -126,6 +129,14 @@ def _prepare(cfg: PruneConfig, started: float, progress: bool) -> Run:
         output = memory["parts"]["output"]
         check_out(cfg.out, output + (memory["parts"]["activations"] if streaming else output))
     tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+    text = getattr(hf_config, "text_config", None) or hf_config
+    hidden = int(getattr(text, "hidden_size", 0) or getattr(text, "n_embd", 0) or getattr(text, "d_model", 0) or 1)
+    timing = estimate_time(structure, hidden, cfg.nsamples, cfg.seqlen, needs_hessians(cfg), device,
+                           compute_dtype_for(storage_dtype(cfg, hf_config, source.kind == "gguf"), device),
+                           group.world if group is not None else 1)
+    if progress:  # before the first layer: how big the calibration is and how long this will take here
+        print(announce(structure, cfg.method, cfg.constraint.describe(), device, cfg.nsamples, cfg.seqlen, timing),
+              file=sys.stderr, flush=True)
     calibration: Calibration | None = None
     if calib_text is not None:
         calibration = tokenize_calibration(calib_text, tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed)
@@ -138,6 +149,7 @@ def _prepare(cfg: PruneConfig, started: float, progress: bool) -> Run:
             "backend": "nccl" if device.type == "cuda" else "gloo"}
     run.report_extra |= {
         "load": {"streaming": streaming, "why": streaming_why},
+        "time_estimate": timing,
         "memory_estimate": {"host_bytes": memory["host_bytes"], "device_bytes": memory["device_bytes"],
                             **{f"{k}_bytes": v for k, v in memory["parts"].items()}},
     }
@@ -216,14 +228,27 @@ def _evaluate(result: PruneResult, run: Run, evaluator: Evaluator, evaluation: E
     the output's report.json atomically (the output is complete already)."""
     cfg, report = run.cfg, result.report
     t = time.perf_counter()  # a streamed run's model is loaded from the output here (PruneResult.model)
-    report["eval"] = {"config": evaluation.to_dict(), "pruned": evaluator(result.model, run.tokenizer, run.device)}
+    report["eval"] = {"config": evaluation.to_dict()}
+
+    def keep(which: str):
+        def save(partial: dict) -> None:  # the perplexity, saved before the zero-shot tasks can fail
+            report["eval"][which] = partial
+            if cfg.out is not None:
+                _write_report(cfg.out, report)
+        return save
+
+    report["eval"]["pruned"] = evaluator(result.model, run.tokenizer, run.device, keep("pruned"))
     if baseline:
         dense_model = load_model(run.source, cfg.dtype, cfg.trust_remote_code)
-        report["eval"]["dense"] = evaluator(dense_model, run.tokenizer, run.device)
+        report["eval"]["dense"] = evaluator(dense_model, run.tokenizer, run.device, keep("dense"))
         report["eval"]["delta"] = compare(report["eval"]["pruned"], report["eval"]["dense"])
         del dense_model
     report["phases_seconds"]["eval"] = round(time.perf_counter() - t, 3)
     if cfg.out is not None:
-        path = os.path.join(cfg.out, REPORT)
-        write_json(path + ".tmp", report)
-        os.replace(path + ".tmp", path)
+        _write_report(cfg.out, report)
+
+
+def _write_report(out: str, report: dict) -> None:
+    path = os.path.join(out, REPORT)
+    write_json(path + ".tmp", report)
+    os.replace(path + ".tmp", path)

@@ -95,6 +95,39 @@ def task_manager(tasks: list[str], include_path: str | None = None):
     return manager
 
 
+def check_task_data(tasks: list[str], manager) -> None:
+    """With the hub out of reach, every task's data must be in the local cache (or local files): build the
+    tasks now, before any perplexity is computed or any model loaded, and fail with one line if one
+    cannot be. Online, lm-eval downloads what it needs when it runs."""
+    reason = offline_reason()
+    if reason is None:
+        return
+    try:
+        with _quiet_lm_eval():
+            manager.load(list(tasks))
+    except Exception as exc:  # noqa: BLE001 - a dataset that is neither cached nor local
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OneshotError(f"zero-shot tasks {','.join(tasks)}: their data are not all in the local cache and the "
+                           f"hub cannot be reached ({reason}; {type(exc).__name__}: {first[:200]}); run once "
+                           "online to cache them, use local tasks (--include-path DIR) or pass --tasks none"
+                           ) from None
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("lm-eval", "lm_eval", "datasets")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def zero_shot(model, tokenizer, tasks: list[str], manager, limit: float | None = None, batch_size: int = 1,
               num_fewshot: int | None = None, device: str = "cpu") -> dict:
     """lm-eval on the in-memory model: {task: {metric: value}} (acc, acc_norm and their stderr)."""
@@ -151,14 +184,18 @@ class Evaluator:
         self.progress = progress
         self.text = ppl_text(cfg.ppl) if cfg.ppl else None
         self.manager = task_manager(list(cfg.tasks), cfg.include_path) if cfg.tasks else None
+        if self.manager is not None:
+            check_task_data(list(cfg.tasks), self.manager)
 
-    def __call__(self, model, tokenizer, device: str | torch.device = "cpu") -> dict:
+    def __call__(self, model, tokenizer, device: str | torch.device = "cpu", on_perplexity=None) -> dict:
+        """The measurements of ``model``. ``on_perplexity(result)``: called as soon as the perplexity is
+        known, before the zero-shot tasks run (so that it is printed and saved whatever happens next)."""
         with computing_in(model, torch.device(device)) as note:
-            result = self._measure(model, tokenizer, device)
+            result = self._measure(model, tokenizer, device, note, on_perplexity)
         result.update(note)
         return result
 
-    def _measure(self, model, tokenizer, device) -> dict:
+    def _measure(self, model, tokenizer, device, note: dict, on_perplexity) -> dict:
         cfg, result = self.cfg, {}
         if self.text is not None:
             body, info = self.text
@@ -168,9 +205,17 @@ class Evaluator:
             tokens = tokenize_text(tokenizer, body)
             result["perplexity"] = {**perplexity(model, tokens, cfg.seqlen, max_windows, cfg.batch_size, device,
                                                  self.progress), **info}
+            if on_perplexity is not None and self.manager is not None:  # the tasks may still fail
+                on_perplexity({**result, **note})
         if self.manager is not None:
-            result["tasks"] = zero_shot(model, tokenizer, list(cfg.tasks), self.manager, cfg.limit, cfg.batch_size,
-                                        cfg.num_fewshot, str(device))
+            try:
+                result["tasks"] = zero_shot(model, tokenizer, list(cfg.tasks), self.manager, cfg.limit,
+                                            cfg.batch_size, cfg.num_fewshot, str(device))
+            except OneshotError as exc:
+                if "perplexity" in result:
+                    raise OneshotError(f"{exc} (the perplexity, computed before: "
+                                       f"{result['perplexity']['perplexity']:.4f})") from None
+                raise
             accs = [row["acc"] for row in result["tasks"].values() if "acc" in row]
             if accs:
                 result["mean_acc"] = sum(accs) / len(accs)
@@ -215,11 +260,24 @@ def evaluate(model: str, cfg: EvalConfig, baseline: str | None = None, dtype: st
     out: dict = {"config": cfg.to_dict(), "models": {}}
     for spec in [model] + ([baseline] if baseline else []):
         loaded, tokenizer, kind = load_for_eval(spec, dtype, trust_remote_code)
-        out["models"][spec] = {"kind": kind, **run(loaded, tokenizer, dev)}
+        out["models"][spec] = {"kind": kind, **run(loaded, tokenizer, dev, on_perplexity(spec, progress))}
         del loaded
     if baseline is not None:
         out["delta"] = compare(out["models"][model], out["models"][baseline])
     return out
+
+
+def on_perplexity(spec: str, show: bool):
+    """Print a model's perplexity the moment it is known (zero-shot tasks may still fail after it)."""
+    import sys
+
+    def report(result: dict) -> None:
+        if show:
+            p = result["perplexity"]
+            print(f"{spec}: perplexity {p['perplexity']:.4f} ({p['windows']} x {p['seqlen']} tokens); "
+                  "zero-shot tasks next", file=sys.stderr, flush=True)
+
+    return report
 
 
 def compare(model: dict, baseline: dict) -> dict:

@@ -10,6 +10,9 @@ host  = process overhead (torch, transformers, tokenizer: ~0.5 GiB)
         a mixture-of-experts layer's expert statistics at most a quarter of the free memory, as the
         engine gathers them in chunks beyond that)
       + one linear's fp32 working copies during its solve
+      + in-memory runs on the CPU: the freed memory glibc keeps in the heap for reuse while the layers
+        run (``runtime.reuse_host_heap``; 0.25 GiB measured on SmolLM2, ``benchmarks/host_heap.py``;
+        streamed runs leave the heap alone)
 Per layer means the largest layer (DeepSeek's first dense layers, hybrids' two kinds differ).
 device = the same minus the weights and the overhead, plus one layer's weights (CUDA runs only)
 """
@@ -25,22 +28,32 @@ from .errors import OneshotError
 from .runtime import available_bytes
 
 OVERHEAD = 512 * 2**20
+HOST_HEAP = 256 * 2**20  # kept by reuse_host_heap in in-memory CPU runs (measured, see the docstring)
 EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
-def _dtype_bytes(cfg: PruneConfig, hf_config) -> int:
+def needs_hessians(cfg: PruneConfig) -> bool:
+    """Whether this run gathers a Hessian per linear input (else only its column norms)."""
+    from .solvers import SOLVERS
+
+    return SOLVERS[cfg.method].needs_hessian or cfg.update in ("lstsq", "admm") or (
+        cfg.method == "dsnot" and cfg.dsnot_init == "sparsegpt")
+
+
+def storage_dtype(cfg: PruneConfig, hf_config, gguf: bool = False) -> torch.dtype:
+    """The dtype the weights are held in: --dtype, else the checkpoint's (a GGUF dequantizes to float32)."""
     if cfg.dtype != "auto":
-        return torch.tensor([], dtype=getattr(torch, cfg.dtype)).element_size()
+        return getattr(torch, cfg.dtype)
+    if gguf:
+        return torch.float32
     text = getattr(hf_config, "text_config", None) or hf_config
     dtype = getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or "float32"
-    return torch.tensor([], dtype=getattr(torch, str(dtype).replace("torch.", ""), torch.float32)).element_size()
+    return getattr(torch, str(dtype).replace("torch.", ""), torch.float32)
 
 
 def estimate(cfg: PruneConfig, hf_config, structure: dict, gguf: bool = False, streaming: bool = False) -> dict:
     """Bytes of each part and the host/device peaks for this run (see the module docstring)."""
-    from .solvers import SOLVERS
-
-    element = 4 if gguf and cfg.dtype == "auto" else _dtype_bytes(cfg, hf_config)  # GGUF dequantizes to fp32
+    element = torch.tensor([], dtype=storage_dtype(cfg, hf_config, gguf)).element_size()
     on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     compute = 4 if on_cpu and element == 2 else element  # 16-bit layers run in fp32 on the CPU
     text = getattr(hf_config, "text_config", None) or hf_config
@@ -51,8 +64,7 @@ def estimate(cfg: PruneConfig, hf_config, structure: dict, gguf: bool = False, s
     for name, shape in structure["linears"].items():
         by_layer.setdefault(name[start:].split(".")[0], []).append((name, tuple(shape)))
     activations = cfg.nsamples * cfg.seqlen * hidden * compute * (3 if cfg.update == "block" else 2)
-    needs_hessian = SOLVERS[cfg.method].needs_hessian or cfg.update in ("lstsq", "admm") or (
-        cfg.method == "dsnot" and cfg.dsnot_init == "sparsegpt")
+    needs_hessian = needs_hessians(cfg)
     factor = 2 if cfg.update != "none" else 1
     expert_budget = available_bytes(torch.device("cpu")) // 4
 
@@ -77,7 +89,8 @@ def estimate(cfg: PruneConfig, hf_config, structure: dict, gguf: bool = False, s
         parts["weights"] = rest
         host = OVERHEAD + rest + layer_peak + activations + stats + solve
     else:
-        host = OVERHEAD + 2 * weights + activations + stats + solve
+        parts["host_heap"] = HOST_HEAP if on_cpu else 0
+        host = OVERHEAD + 2 * weights + activations + stats + solve + parts["host_heap"]
     # offloaded: the activations live in host memory (already counted), one batch's worth on the device
     device_activations = activations // max(1, cfg.nsamples) * 2 if cfg.offload_activations else activations
     device_peak = device_activations + stats + solve + layer_weights

@@ -128,21 +128,41 @@ def test_overwrite_replaces(tiny_factory, calib_txt, tmp_path, capsys):
     assert [p for p in os.listdir(tmp_path) if "oneshot-" in p] == []
 
 
-def test_nan_reaching_a_layer(tiny_factory, calib_txt, tmp_path, capsys):
+def _edited_copy(src_dir, dst, edit):
     from transformers import AutoModelForCausalLM
 
-    src = tmp_path / "nan-model"
-    model = AutoModelForCausalLM.from_pretrained(tiny_factory("llama"))
+    model = AutoModelForCausalLM.from_pretrained(src_dir)
     with torch.no_grad():
-        model.model.layers[0].post_attention_layernorm.weight[0] = float("inf")  # layer 0's output overflows
-    model.save_pretrained(src)
+        edit(model)
+    model.save_pretrained(dst)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        (src / name).write_bytes(open(os.path.join(tiny_factory("llama"), name), "rb").read())
+        (dst / name).write_bytes(open(os.path.join(src_dir, name), "rb").read())
+    return str(dst)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_nan_is_named_where_it_first_appears(method, tiny_factory, calib_txt, tmp_path, capsys):
+    """A NaN weight in the checkpoint is named, not blamed on the inputs of the layers after it."""
+    src = _edited_copy(tiny_factory("llama"), tmp_path / "nan-model",
+                       lambda m: m.model.layers[1].self_attn.q_proj.weight.__setitem__((0, 0), float("nan")))
     out = tmp_path / "o"
-    assert_one_error(*run(base(str(src), calib_txt, out, "--method", "magnitude"), capsys), "non-finite",
-                     "decoder layer 1")
-    # the same model with a statistics-based solver fails at layer 0's statistics, also with one line
-    assert_one_error(*run(base(str(src), calib_txt, out, "--method", "sparsegpt"), capsys), "gate_proj", "NaN/Inf")
+    assert_one_error(*run(base(src, calib_txt, out, "--method", method), capsys),
+                     "model.layers.1.self_attn.q_proj.weight: the checkpoint holds 1 NaN/Inf value(s)")
+    assert not out.exists()
+
+
+def test_overflow_with_finite_weights(tiny_factory, calib_txt, tmp_path, capsys):
+    """Finite weights whose activations overflow: the layer where it happens, and no advice to use float32
+    to a float32 run."""
+    src = _edited_copy(tiny_factory("llama"), tmp_path / "huge-model",
+                       lambda m: m.model.layers[0].post_attention_layernorm.weight.fill_(3e38))
+    out = tmp_path / "o"
+    rc, lines = run(base(src, calib_txt, out, "--method", "magnitude"), capsys)
+    assert_one_error(rc, lines, "non-finite", "decoder layer 1", "even in float32")
+    assert "try --dtype float32" not in lines[-1]
+    # a statistics-based solver finds it at layer 0's statistics, also with one line
+    assert_one_error(*run(base(src, calib_txt, out, "--method", "sparsegpt"), capsys), "gate_proj", "NaN/Inf",
+                     "even in float32")
     assert not out.exists()
     assert [p for p in os.listdir(tmp_path) if "oneshot-" in p] == []
 

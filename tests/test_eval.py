@@ -167,3 +167,81 @@ def test_prune_eval_bad_input_fails_before_pruning(tiny_factory, calib_txt, tmp_
                "missing.txt"])
     assert rc == 2 and "missing.txt" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """HF_HUB_OFFLINE=1 for this test only (oneshot switches the hub libraries to offline mode)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    from oneshot import hub
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    hub.forget()
+    yield
+    hub.forget()
+
+
+def _uncached_task(tmp_path):
+    tasks = tmp_path / "hubtasks"
+    tasks.mkdir()
+    (tasks / "hub.yaml").write_text(
+        "task: oneshot_uncached\n"
+        "dataset_path: oneshot-tests/no-such-dataset-anywhere\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n")
+    return str(tasks)
+
+
+def test_offline_tasks_without_data_fail_before_any_perplexity(offline, tiny_factory, calib_txt, tmp_path, capsys,
+                                                               monkeypatch):
+    import oneshot.evaluate
+
+    computed = []
+    monkeypatch.setattr(oneshot.evaluate, "perplexity", lambda *a, **k: computed.append(1))
+    tasks = _uncached_task(tmp_path)
+    model = tiny_factory("llama")
+    capsys.readouterr()
+    rc = main(["eval", model, "--ppl", calib_txt, "--tasks", "oneshot_uncached",
+               "--include-path", tasks])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "their data are not all in the local cache" in err[0], err
+    assert "HF_HUB_OFFLINE is set" in err[0] and "--tasks none" in err[0]
+    assert computed == []
+    out = tmp_path / "o"  # prune --eval: before any weight is pruned
+    rc = main(["prune", tiny_factory("llama"), "--calib", calib_txt, "--nsamples", "2", "--seqlen", "16",
+               "--out", str(out), "--eval", "--tasks", "oneshot_uncached", "--include-path", tasks])
+    assert rc == 2 and "not all in the local cache" in capsys.readouterr().err and not out.exists()
+    # cached or local data pass the check (the local JSON task of the tests above)
+    local, _ = _local_task(tmp_path)
+    oneshot.evaluate.check_task_data(["oneshot_local"], oneshot.evaluate.task_manager(["oneshot_local"], local))
+
+
+def test_perplexity_is_saved_before_the_tasks_can_fail(tiny_factory, calib_txt, tmp_path, capsys, monkeypatch):
+    import oneshot.evaluate
+    from oneshot.errors import OneshotError
+
+    def fail(*a, **k):
+        raise OneshotError("lm-eval failed (ConnectionError: the hub went away)")
+
+    monkeypatch.setattr(oneshot.evaluate, "zero_shot", fail)
+    local, _ = _local_task(tmp_path)
+    out = tmp_path / "o"
+    rc = main(["prune", tiny_factory("llama"), "--calib", calib_txt, "--nsamples", "2", "--seqlen", "16",
+               "--out", str(out), "--eval", "--ppl", calib_txt, "--eval-seqlen", "64", "--tasks", "oneshot_local",
+               "--include-path", local])
+    err = capsys.readouterr().err
+    saved = json.loads((out / "report.json").read_text())["eval"]["pruned"]["perplexity"]["perplexity"]
+    assert rc == 2 and f"the perplexity, computed before: {saved:.4f}" in err
+    rc = main(["eval", str(out), "--ppl", calib_txt, "--seqlen", "64", "--tasks", "oneshot_local",
+               "--include-path", local])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"perplexity {saved:.4f}" in err and "zero-shot tasks next" in err

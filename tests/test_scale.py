@@ -143,25 +143,11 @@ def deep(tmp_path_factory):
     return make_sharded_llama(str(tmp_path_factory.mktemp("deep")), layers=10, hidden=256, max_shard_size="2MB")
 
 
-def _kill_when(proc, out: str, finished: int, timeout: float = 240) -> int:
+def _kill_when(proc, out: str, finished: int) -> int:
     """kill -9 ``proc`` once its journal says ``finished`` layers are done; returns how many were."""
-    state = os.path.join(partial_dir(out), JOURNAL, STATE)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError("the run finished before it could be killed")
-        try:
-            with open(state) as fh:
-                done = json.load(fh)["finished"]
-        except (OSError, ValueError, KeyError):
-            done = -1
-        if done >= finished:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return done
-        time.sleep(0.005)
-    proc.kill()
-    raise AssertionError("timed out waiting for the journal")
+    done = _signal_when(proc, out, finished, signal.SIGKILL)
+    proc.wait()
+    return done
 
 
 @pytest.mark.slow
@@ -192,6 +178,44 @@ def test_resume_after_kill_is_byte_identical(deep, calib_txt, tmp_path, load):
     assert resumed == ref
     with open(os.path.join(out, "report.json")) as fh:
         assert json.load(fh)["resumed_at_layer"] >= 7
+
+
+def _signal_when(proc, out: str, finished: int, sig) -> int:
+    """Send ``sig`` to ``proc`` once its journal says ``finished`` layers are done."""
+    state = os.path.join(partial_dir(out), JOURNAL, STATE)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError("the run finished before it could be interrupted")
+        try:
+            with open(state) as fh:
+                done = json.load(fh)["finished"]
+        except (OSError, ValueError, KeyError):
+            done = -1
+        if done >= finished:
+            proc.send_signal(sig)
+            return done
+        time.sleep(0.005)
+    proc.kill()
+    raise AssertionError("timed out waiting for the journal")
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_what_was_kept_and_resume_finishes_byte_identical(deep, calib_txt, tmp_path):
+    """A real SIGINT in the middle of a streamed run: exit 130, one line naming the partial directory
+    and --resume, no --out; --resume then gives the lone run's bytes."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    reference = str(tmp_path / "reference")
+    subprocess.run(_cli(deep, reference, calib_txt, "--load", "stream"), check=True, env=env)
+    out = str(tmp_path / "o")
+    proc = subprocess.Popen(_cli(deep, out, calib_txt, "--load", "stream"), env=env, stderr=subprocess.PIPE, text=True)
+    _signal_when(proc, out, 3, signal.SIGINT)
+    rc, err = proc.wait(), proc.stderr.read().strip().splitlines()
+    assert rc == 130 and len(err) == 1, (rc, err)
+    assert err[0].startswith("oneshot: interrupted; ") and f"kept in {partial_dir(out)}" in err[0]
+    assert "--resume" in err[0] and not os.path.exists(out)
+    subprocess.run(_cli(deep, out, calib_txt, "--load", "stream", "--resume"), check=True, env=env)
+    assert _files(out) == _files(reference)
 
 
 @pytest.mark.slow
