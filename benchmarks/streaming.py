@@ -26,6 +26,10 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import machine  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("ONESHOT_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
 
@@ -62,8 +66,28 @@ def make(directory: str, shape: str, layers: int | None, seed: int) -> None:
     print(f"{directory}: {total / 1e9:.2f} GB ({total / 2**30:.2f} GiB) of bf16 weights, {layers} layers")
 
 
+def _commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _max_rss(stderr_file: str) -> int | None:
+    """``Maximum resident set size (kbytes)`` from ``/usr/bin/time -v``: the whole process, in bytes."""
+    with open(stderr_file, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if "Maximum resident set size" in line:
+                return int(line.rsplit(":", 1)[1]) * 1024
+    return None
+
+
 def run(directory: str, load: str, nsamples: int, seqlen: int, out: str, method: str, pattern: str | None,
-        device: str) -> None:
+        device: str, history: str | None) -> None:
     calib = os.path.join(SHARED, "data", "wikitext-2", "wiki.valid.tokens")
     if os.path.exists(out):
         shutil.rmtree(out)
@@ -71,21 +95,56 @@ def run(directory: str, load: str, nsamples: int, seqlen: int, out: str, method:
            *(["--pattern", pattern] if pattern else ["--sparsity", "0.5"]), "--device", device,
            "--calib", calib, "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--load", load, "--out", out,
            "--quiet", "--no-memory-check"]
+    timer = shutil.which("time") and os.path.exists("/usr/bin/time")
+    if timer:  # the whole process's peak, as a user measures it
+        cmd = ["/usr/bin/time", "-v", "-o", out + ".time", *cmd]
     print(" ".join(cmd), flush=True)
+    commit = _commit()  # the code the run starts with
     t = time.perf_counter()
     done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": ROOT})
     wall = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    if timer and os.path.exists(out + ".time"):
+        peak = _max_rss(out + ".time") or peak
+        os.remove(out + ".time")
     size = sum(os.path.getsize(os.path.join(directory, n)) for n in os.listdir(directory) if n.endswith(".safetensors"))
     print(f"exit {done.returncode}; checkpoint {size / 1e9:.2f} GB; peak RSS {peak / 1e9:.2f} GB "
           f"({peak / 2**30:.2f} GiB); wall {wall:.0f} s")
+    record = {"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
+              "checkpoint_gb": round(size / 1e9, 2), "load": load, "method": method, "pattern": pattern or "50%",
+              "calibration": f"{nsamples}x{seqlen}", "exit": done.returncode, "peak_rss_gb": round(peak / 1e9, 3),
+              "wall_s": round(wall)}
     if done.returncode == 0:
         with open(os.path.join(out, "report.json")) as fh:
             report = json.load(fh)
         print("phases:", report["phases_seconds"])
         print("peak memory:", report["peak_memory"])
-        print("estimate host:", round(report["memory_estimate"]["host_bytes"] / 1e9, 2), "GB; sparsity",
-              round(report["sparsity"], 4), "; load", report["load"])
+        estimate = report["memory_estimate"]["host_bytes"]
+        print("estimate host:", round(estimate / 1e9, 2), "GB; sparsity", round(report["sparsity"], 4), "; load",
+              report["load"])
+        record["estimate_host_gb"] = round(estimate / 1e9, 3)
+    if history:
+        _record(history, record)
+
+
+def _record(history: str, record: dict) -> None:
+    """Append this run to the history (one JSON line per run) and compare it with the last run of the same
+    checkpoint and settings at another commit, so that a regression in peak RSS shows."""
+    key = ("checkpoint_gb", "load", "method", "pattern", "calibration")
+    earlier = []
+    if os.path.exists(history):
+        with open(history, encoding="utf-8") as fh:
+            earlier = [json.loads(line) for line in fh if line.strip()]
+    same = [r for r in earlier if all(r.get(k) == record[k] for k in key) and r.get("exit") == 0]
+    with open(history, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+    print(f"recorded in {os.path.relpath(history)} (commit {record['commit']})")
+    if same and record["exit"] == 0:
+        last = same[-1]
+        change = record["peak_rss_gb"] / last["peak_rss_gb"] - 1
+        flag = "  <-- REGRESSION (more than 5%)" if change > 0.05 else ""
+        print(f"peak RSS {record['peak_rss_gb']:.2f} GB against {last['peak_rss_gb']:.2f} GB at {last['commit']} "
+              f"({change:+.1%}){flag}")
 
 
 def main() -> None:
@@ -105,12 +164,14 @@ def main() -> None:
     p.add_argument("--method", default="wanda")
     p.add_argument("--pattern", default=None, help="e.g. 2:4 (default: 50%% unstructured)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--history", default=os.path.join(ROOT, "benchmarks", "streaming-history.jsonl"),
+                   help="append the run (commit, peak RSS, wall) to this JSON-lines file; '' for none")
     args = parser.parse_args()
     if args.command == "make":
         make(args.dir, args.shape, args.layers, args.seed)
     else:
         run(args.dir, args.load, args.nsamples, args.seqlen, args.out or args.dir.rstrip("/") + f"-pruned-{args.load}",
-            args.method, args.pattern, args.device)
+            args.method, args.pattern, args.device, args.history or None)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def test_streaming_memory_estimate_is_smaller(sharded, calib_txt, tmp_path):
 
 # ---------------------------------------------------------------- resume
 
-VOLATILE = {"seconds", "phases_seconds", "peak_memory", "argv", "resumed_at_layer", "config", "out"}
+VOLATILE = {"seconds", "phases_seconds", "peak_memory", "argv", "resumed_at_layer", "config", "out", "time_estimate"}
 
 
 def _stable_report(path: str) -> dict:
