@@ -107,12 +107,20 @@ def _prepare(cfg: PruneConfig, started: float, progress: bool) -> Run:
         raise OneshotError(f"--seqlen {cfg.seqlen} is beyond the model's context of {limit} tokens")
     structure = inspect_structure(hf_config, cfg.nm, cfg.ignore, cfg.trust_remote_code)
     check_moe(cfg, structure, hf_config)
+    if cfg.structure:
+        from .structured import check_request
+
+        check_request(hf_config, cfg.structures, cfg.remove, cfg.trust_remote_code)
     if source.kind == "local" and os.path.isdir(source.path):
         check_safetensors(source.path)
     group, device_name = setup_distributed(cfg.device)
     check_distributed(cfg, group)
+    if cfg.structure and group is not None:
+        raise OneshotError("--structure runs in one process for now (not under torchrun)")
     device = resolve_device(device_name)
     streaming, streaming_why = streaming_plan(cfg.load, source, cfg.out, calib_kind)
+    if streaming and cfg.structure:
+        streaming, streaming_why = False, "--structure prunes the model in memory"
     streamed = None
     if streaming:
         checkpoint = local_checkpoint(source)

@@ -97,6 +97,11 @@ def _prune_parser(sub) -> None:
          type=float, metavar="FRACTION")
     _opt(g, "--expert-score", "which experts --remove-experts removes: lowest REAP saliency (mean router weight x "
          "output norm over routed tokens) or fewest routed tokens", choices=("reap", "frequency"))
+    g = p.add_argument_group("structured pruning: a smaller model every runtime runs faster")
+    _opt(g, "--structure", "remove whole units: heads, channels (MLP), blocks, or a comma list (with group-OBS "
+         "compensation for heads and channels); alone, or with --sparsity/--pattern for what remains")
+    _opt(g, "--remove", "with --structure: the fraction of the decoder blocks' parameters to remove", type=float,
+         metavar="FRACTION")
     g = p.add_argument_group("output")
     _opt(g, "--format", "weights on disk: dense (plain transformers loads it), packed24 (2:4 only, 56% of 16-bit "
          "dense), bitmask (any pattern)")
@@ -205,6 +210,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def structured_line(st: dict) -> str:
+    """One line for --structure: what went and what the model weighs now."""
+    what = []
+    if st.get("blocks", {}).get("removed"):
+        what.append(f"{len(st['blocks']['removed'])} of {st['layers_before']} blocks")
+    plan = st.get("width_plan") or {}
+    first = (st.get("layers") or [{}])[0]
+    if "attention" in first:
+        what.append(f"heads {first['attention']['heads_before']} -> {first['attention']['heads_after']} a layer")
+    if "mlp" in first:
+        what.append(f"MLP channels {first['mlp']['channels_before']} -> {first['mlp']['channels_after']} a layer")
+    removed = 1 - st["decoder_parameters_after"] / max(st["decoder_parameters_before"], 1)
+    line = (f"  structured: removed {', '.join(what) or 'nothing'} ({removed:.1%} of the decoder blocks' "
+            f"parameters); parameters {st['parameters_before']:,} -> {st['parameters_after']:,}")
+    if st.get("weight_bytes_before") and st.get("weight_bytes_after"):
+        line += f"; weights {st['weight_bytes_before'] / 1e6:.1f} MB -> {st['weight_bytes_after'] / 1e6:.1f} MB"
+    del plan
+    return line
+
+
 def _summary(report: dict) -> str:
     from .coverage import summary_lines
     from .report import summary_table
@@ -227,6 +252,9 @@ def _summary(report: dict) -> str:
         lines.append(f"  distributed: {report['distributed']['world_size']} ranks "
                      f"({report['distributed']['backend']})")
     lines += summary_lines(report)
+    st = report.get("structured")
+    if st:
+        lines.append(structured_line(st))
     for note in report["notes"]:
         lines.append(f"  note: {note}")
     return "\n".join(lines)

@@ -75,6 +75,9 @@ class PruneConfig:
     moe_calibrate: str = "all"  # expert statistics from every token (llm-compressor's default) or "routed" ones
     remove_experts: float | None = None  # fraction of each MoE layer's experts to remove
     expert_score: str = "reap"  # which experts to remove: REAP saliency or routed-token frequency
+    # structured pruning: whole heads, MLP channels, decoder blocks
+    structure: str | None = None  # comma list of heads, channels, blocks
+    remove: float | None = None  # fraction of the decoder blocks' parameters to remove with --structure
     # output
     format: str = "dense"  # on-disk weight format: dense, packed24, bitmask (oneshot.formats)
     memory_check: bool = True  # refuse runs whose estimated peak memory exceeds what is available
@@ -181,6 +184,22 @@ class PruneConfig:
                                                 or math.isnan(self.remove_experts) or not 0 < self.remove_experts < 1):
             raise OneshotError(f"--remove-experts must be a fraction strictly between 0 and 1, "
                                f"got {self.remove_experts}")
+        if self.remove is not None and self.structure is None:
+            raise OneshotError("--remove needs --structure (heads, channels, blocks: what to remove)")
+        if self.structure is not None:
+            from .structured import parse_structures
+
+            parse_structures(self.structure)
+            if self.remove is None:
+                raise OneshotError("--structure needs --remove FRACTION (of the decoder blocks' parameters)")
+            if not isinstance(self.remove, (int, float)) or math.isnan(self.remove) or not 0 < self.remove < 1:
+                raise OneshotError(f"--remove must be a fraction strictly between 0 and 1, got {self.remove}")
+            if self.load == "stream":
+                raise OneshotError("--structure needs the whole model in memory for now: use --load full (or auto)")
+            if self.resume:
+                raise OneshotError("--structure cannot --resume yet: the removal changes every layer's shape")
+            if self.remove_experts is not None:
+                raise OneshotError("--structure and --remove-experts cannot be combined yet")
         if self.block_target not in ("layer", "model"):
             raise OneshotError(f"--block-target must be 'layer' or 'model', got {self.block_target!r}")
         if self.load not in ("auto", "stream", "full"):
@@ -213,6 +232,17 @@ class PruneConfig:
     @property
     def nm(self) -> tuple[int, int] | None:
         return parse_pattern(self.pattern)
+
+    @property
+    def structures(self) -> set[str]:
+        from .structured import parse_structures
+
+        return parse_structures(self.structure) if self.structure else set()
+
+    @property
+    def unstructured(self) -> bool:
+        """Whether the layers are pruned weight by weight (always, unless --structure alone was asked)."""
+        return self.structure is None or self.sparsity is not None or self.pattern is not None
 
     @property
     def constraint(self) -> Constraint:

@@ -38,9 +38,9 @@ def summary_table(report: dict) -> str:
     ]
     if storage:
         sizes = ", ".join(f"{name} {_gib(v['pruned_layer_bytes'])} ({v['of_dense']:.1%})"
-                          for name, v in storage["formats"].items())
-        lines.append(f"weights on disk: {_gib(storage['weight_file_bytes'])} as {storage['format']}; "
-                     f"pruned layers in each format: {sizes}")
+                          for name, v in storage["formats"].items() if v.get("of_dense") is not None)
+        lines.append(f"weights on disk: {_gib(storage['weight_file_bytes'])} as {storage['format']}"
+                     + (f"; pruned layers in each format: {sizes}" if sizes else ""))
     lines.append(f"time {report['seconds']:.1f} s, peak RSS {_gib(report['peak_memory']['host_rss_bytes'])}"
                  + (f", peak GPU {_gib(report['peak_memory']['device_bytes'])}"
                     if report["peak_memory"].get("device_bytes") else ""))

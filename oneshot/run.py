@@ -103,6 +103,7 @@ class Run:
         self.layer_zeros: dict[int, int] = {}
         self.committed_at = time.monotonic()
         self.body: dict = {}
+        self.structured: dict | None = None
 
     # -- journal
     def journal_new(self, journal: Journal, fp: dict) -> None:
@@ -145,6 +146,10 @@ class Run:
     def prune(self, tmp: str | None = None) -> None:
         cfg = self.cfg
         self._load()
+        if cfg.structure:
+            self._structured()
+            if not cfg.unstructured:
+                return
         self.layers_path, self.layers = find_decoder_layers(self.model)
         if self.journal is not None and self.resume is None:
             self.journal.start(self.fp, self.calibration.input_ids, self.calibration.info)
@@ -182,6 +187,35 @@ class Run:
             offload_activations=cfg.offload_activations,
             moe={"calibrate": cfg.moe_calibrate, "remove": cfg.remove_experts, "score": cfg.expert_score},
         )
+
+    def _structured(self) -> None:
+        """Remove heads, channels and blocks (``--structure``) from the loaded model; the layers after it
+        see the smaller model (a weight-by-weight prune of what remains, when asked, comes next)."""
+        from .engine.loop import check_finite_weights
+        from .model.structure import inspect_structure
+        from .runtime import peak_memory
+        from .structured import prune_structure
+
+        cfg = self.cfg
+        t = time.perf_counter()
+        path, layers = find_decoder_layers(self.model)
+        for i, layer in enumerate(layers):
+            check_finite_weights(layer, f"{path}.{i}")
+        before = int(self.structure.get("parameters", 0))
+        self.structured = prune_structure(self.model, self.calibration.input_ids, cfg.structures, cfg.remove,
+                                          self.device, compute_dtype_for(self.model.dtype, self.device),
+                                          cfg.batch_size, cfg.dampening, self.progress)
+        self.structure = inspect_structure(self.model.config, cfg.nm, cfg.ignore, cfg.trust_remote_code)
+        self.structured["parameters_before"] = before
+        self.structured["parameters_after"] = int(self.structure["parameters"])
+        seconds = time.perf_counter() - t
+        self.phases["structured"] = seconds
+        self.layers_path, self.layers = find_decoder_layers(self.model)
+        self.meta = {"method": cfg.method, "pattern": cfg.constraint.describe(),
+                     "target_sparsity": cfg.constraint.sparsity, "versions": versions()}
+        self.body = {"layers_path": self.layers_path, "num_layers": len(self.layers), "linears": [], "notes": [],
+                     "phases_seconds": {}, "peak_memory": peak_memory(), "permutations": {},
+                     "compute_dtype": str(compute_dtype_for(self.model.dtype, self.device)).replace("torch.", "")}
 
     def _sidecar(self, reports: list[dict], transposed: set[str]) -> dict:
         return sparsity_metadata({**self.meta, "linears": reports}, transposed)
@@ -247,6 +281,11 @@ class Run:
         }
         if self.calibration.info.get("note"):  # another calibration source stood in for the one asked for
             report["notes"] = [self.calibration.info["note"]] + report["notes"]
+        if self.structured is not None:
+            report["structured"] = self.structured
+            self.structured["weight_bytes_before"] = source_bytes(self.source)
+            if not cfg.unstructured:  # heads, channels, blocks removed and nothing else
+                report.update(method="structured", pattern="none", target_sparsity=0.0)
         if tmp is None:
             if removed:
                 report["experts"] = experts_summary(removed, before, parameters, source_bytes(self.source), None)
@@ -275,6 +314,8 @@ class Run:
             save_file(permutations, os.path.join(tmp, PERMUTATIONS))
         if self.writer is None:
             report["storage"] = describe_storage(tmp) if cfg.format == "dense" else rewrite(tmp, cfg.format)
+        if self.structured is not None:
+            self.structured["weight_bytes_after"] = report["storage"]["weight_file_bytes"]
         report["run_id"] = seal(tmp, {s["file"]: s["sha256"] for s in self.shards.values() if "sha256" in s})
         if removed:
             report["experts"] = experts_summary(removed, before, parameters, source_bytes(self.source),

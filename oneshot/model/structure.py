@@ -206,6 +206,8 @@ def inspect_structure(config, nm: tuple[int, int] | None, ignore: list[str], tru
                     f"pattern {nm[0]}:{nm[1]}: {name} has input dimension {shapes[name][1]}, not divisible by {nm[1]}; "
                     f"use another pattern or --ignore it"
                 )
+    if hasattr(skeleton, "tie_weights"):
+        skeleton.tie_weights()  # from_config leaves a tied head untied until weights load
     parameters = sum(p.numel() for p in skeleton.parameters())  # tied weights once
     prunable = sum(a * b for a, b in shapes.values())
     return {"layers_path": path, "num_layers": len(layers), "architecture": type(skeleton).__name__, "linears": shapes,

@@ -1,0 +1,276 @@
+"""Structured pruning of a whole model: the plan from the request, Block Influence, and the layer loop
+that removes heads and channels on the calibration inputs the pruned layers before produce."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import OneshotError
+from .obs import remove_groups
+from .surgery import (
+    AttentionParts,
+    ConsumerHessians,
+    MLPParts,
+    WidthPlan,
+    _per_group_choice,
+    attention_parts,
+    channel_cost,
+    check_supported,
+    cut_channels,
+    cut_heads,
+    head_cost,
+    head_counts,
+    mlp_parts,
+)
+
+
+def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return list(input_ids.split(max(1, batch_size or 8)))
+
+
+def _run_layer(layer, captured, i: int, device, dtype, replace: bool):
+    """Every captured batch through layer ``i``; yields (hidden in, hidden out). ``replace``: the
+    outputs become the next layer's inputs."""
+    from ..engine.capture import layer_inputs
+    from ..tensors import call_layer
+
+    for b, (_, hidden, args, kwargs) in enumerate(layer_inputs(captured, i, device, dtype)):
+        out = call_layer(layer, hidden, args, kwargs)
+        yield hidden, out
+        if replace:
+            captured.hidden[b] = out.to(captured.hidden[b].device, captured.hidden[b].dtype)
+
+
+def _on(layer: nn.Module, device, dtype) -> dict:
+    stored = {n: p.dtype for n, p in layer.named_parameters()}
+    layer.to(device=device, dtype=dtype)
+    return stored
+
+
+def _off(layer: nn.Module, stored: dict) -> None:
+    layer.to("cpu")
+    for name, param in layer.named_parameters():
+        if param.dtype != stored.get(name, param.dtype):
+            param.data = param.data.to(stored[name])
+
+
+@torch.no_grad()
+def block_influence(model, layers: nn.ModuleList, batches, device, dtype) -> list[float]:
+    """ShortGPT's Block Influence of every decoder block on the dense model: 1 − mean over calibration
+    tokens of cos(block input, block output)."""
+    from ..engine.capture import capture_inputs
+
+    captured = capture_inputs(model, layers, batches, device, torch.device("cpu"))
+    scores = []
+    for i, layer in enumerate(layers):
+        stored = _on(layer, device, dtype)
+        total, count = 0.0, 0
+        for hidden, out in _run_layer(layer, captured, i, device, dtype, replace=True):
+            cos = torch.nn.functional.cosine_similarity(hidden.float(), out.float(), dim=-1)
+            total += float(cos.sum())
+            count += cos.numel()
+        _off(layer, stored)
+        scores.append(1.0 - total / max(count, 1))
+    model.to("cpu")
+    return scores
+
+
+def drop_blocks(model, path: str, layers: nn.ModuleList, drop: list[int]) -> None:
+    """Remove these decoder blocks; the config's layer count and ``layer_types`` follow, and the kept
+    blocks are renumbered (their attention's ``layer_idx`` indexes the cache)."""
+    keep = [i for i in range(len(layers)) if i not in set(drop)]
+    kept = nn.ModuleList([layers[i] for i in keep])
+    parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+    setattr(parent, path.rsplit(".", 1)[-1], kept)
+    for new, layer in enumerate(kept):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.num_hidden_layers = len(keep)
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = [config.layer_types[i] for i in keep]
+
+
+def plan_width(layer, mlp: MLPParts | None, attn: AttentionParts | None, budget: float, heads: int, kv: int,
+               head_dim: int, hessians: dict | None, dampening: float) -> tuple[WidthPlan, list[dict]]:
+    """How many channels and heads every layer gives up for ``budget`` parameters a layer: with both
+    structures, each feasible head count is tried on this layer (the first) and the split with the least
+    total OBS error (both errors are changes of the residual stream, comparable) is kept."""
+    mha = heads == kv
+    max_per_group = (heads - 1) if mha else (heads // kv - 1)
+    modules = dict(layer.named_modules())
+    ccost = channel_cost(layer, mlp) if mlp else 0
+    hcost = head_cost(layer, attn, head_dim, mha) if attn else 0
+    width = modules[mlp.consumer].in_features if mlp else 0
+    step = 1 if mha else kv  # query heads removed per unit of heads_per_group
+    if mlp is None:  # heads alone: the count closest to the budget
+        most = max_per_group * step * hcost
+        if budget > most * 1.05:
+            raise OneshotError(f"--structure heads can remove at most {most:,.0f} parameters a decoder block (all but "
+                               f"one query head per key/value group), {budget:,.0f} asked: use a smaller --remove "
+                               "or add channels")
+        r = min(range(max_per_group + 1), key=lambda k: abs(budget - k * step * hcost))
+        return WidthPlan(0, r), [{"heads_per_group": r, "channels": 0}]
+    tried = []
+    for r in (range(max_per_group + 1) if attn else [0]):
+        rest = budget - r * step * hcost
+        if rest < 0 and r:
+            break
+        channels = int(round(max(rest, 0) / ccost))
+        if channels <= width - 1:
+            tried.append({"heads_per_group": r, "channels": channels})
+    if not tried:
+        raise OneshotError(f"--remove asks for more than the MLP channels of a decoder block hold ({width - 1} of "
+                           f"{width} at most): use a smaller fraction, or add heads or blocks to --structure")
+    if len(tried) > 1 and hessians is not None:
+        for option in tried:
+            error = 0.0
+            if option["heads_per_group"]:
+                o = modules[attn.o].weight.data.float()
+                count = option["heads_per_group"] * (1 if mha else kv)
+                error += remove_groups(o, hessians[attn.o], head_dim, count, dampening,
+                                       steps=option["heads_per_group"],
+                                       choose=None if mha else _per_group_choice(heads // kv, kv)).error
+            if option["channels"]:
+                down = modules[mlp.consumer].weight.data.float()
+                error += remove_groups(down, hessians[mlp.consumer], 1, option["channels"], dampening).error
+            option["error"] = error
+        best = min(tried, key=lambda o: o["error"])
+    elif hessians is None:  # checking the request only (no statistics yet)
+        best = tried[-1]
+    else:
+        best = tried[0]
+    return WidthPlan(best["channels"], best["heads_per_group"]), tried
+
+
+@torch.no_grad()
+def prune_structure(model, input_ids: torch.Tensor, structures: set[str], remove: float, device: torch.device,
+                    dtype: torch.dtype, batch_size: int = 0, dampening: float = 0.01, progress: bool = True) -> dict:
+    """Remove ``remove`` of the decoder blocks' parameters as whole blocks, attention heads and MLP channels
+    (``structures``); returns the report's ``structured`` entry. Blocks go first (by Block Influence on
+    the dense model, with both kinds half the budget each); then, layer by layer on the calibration
+    inputs as the pruned layers before produce them, heads and channels by group OBS."""
+    from tqdm.auto import tqdm
+
+    from ..engine.capture import capture_inputs
+    from ..model.structure import find_decoder_layers
+
+    path, layers = find_decoder_layers(model)
+    text = model.config.get_text_config()
+    heads, kv, head_dim = head_counts(text)
+    batches = _batches(input_ids, batch_size)
+    block_params = sum(p.numel() for p in layers.parameters())
+    budget = remove * block_params
+    report: dict = {"structures": sorted(structures), "remove": remove, "decoder_parameters_before": block_params,
+                    "layers_before": len(layers)}
+    if "blocks" in structures:
+        share = budget if structures == {"blocks"} else budget / 2
+        per_block = block_params / len(layers)
+        count = int(round(share / per_block))
+        if count >= len(layers):
+            raise OneshotError(f"--remove {remove}: that is {count} of the {len(layers)} decoder blocks; "
+                               "keep at least one")
+        scores = block_influence(model, layers, batches, device, dtype)
+        drop = sorted(sorted(range(len(layers)), key=lambda i: scores[i])[:count])
+        removed = sum(p.numel() for i in drop for p in layers[i].parameters())
+        drop_blocks(model, path, layers, drop)
+        path, layers = find_decoder_layers(model)
+        budget -= removed
+        report["blocks"] = {"criterion": "block influence (1 - cos(input, output))",
+                            "scores": [round(s, 6) for s in scores], "removed": drop}
+    width = structures & {"heads", "channels"}
+    if width and budget > 0:
+        per_layer = budget / len(layers)
+        mlp = mlp_parts(layers[0]) if "channels" in width else None
+        attn = attention_parts(layers[0]) if "heads" in width else None
+        captured = capture_inputs(model, layers, batches, device, torch.device("cpu"))
+        plan, entries = None, []
+        bar = tqdm(total=len(layers), desc="structured", unit="layer", disable=not progress)
+        for i, layer in enumerate(layers):
+            stored = _on(layer, device, dtype)
+            modules = dict(layer.named_modules())
+            consumers = {n: modules[n] for n in ([mlp.consumer] if mlp else []) + ([attn.o] if attn else [])}
+            hooks = ConsumerHessians(consumers)
+            for _ in _run_layer(layer, captured, i, device, dtype, replace=False):
+                pass
+            hooks.close()
+            if plan is None:
+                plan, tried = plan_width(layer, mlp, attn, per_layer, heads, kv, head_dim, hooks.h, dampening)
+                report["width_plan"] = {"channels": plan.channels, "heads_per_group": plan.heads_per_group,
+                                        "tried_on_layer_0": tried}
+            entry = {"layer": i}
+            if attn is not None and plan.heads_per_group:
+                entry["attention"] = cut_heads(layer, attn, hooks.h[attn.o], heads, kv, head_dim,
+                                               plan.heads_per_group, dampening)
+            if mlp is not None and plan.channels:
+                entry["mlp"] = cut_channels(layer, mlp, hooks.h[mlp.consumer], plan.channels, dampening)
+            del hooks
+            for _ in _run_layer(layer, captured, i, device, dtype, replace=True):
+                pass
+            _off(layer, stored)
+            entries.append(entry)
+            bar.update(1)
+        bar.close()
+        model.to("cpu")
+        report["layers"] = entries
+        first = entries[0] if entries else {}
+        for config in {id(c): c for c in (model.config, text)}.values():
+            if "mlp" in first:
+                config.intermediate_size = first["mlp"]["channels_after"]
+            if "attention" in first:
+                config.num_attention_heads = first["attention"]["heads_after"]
+                config.num_key_value_heads = first["attention"]["kv_heads_after"]
+                config.head_dim = head_dim
+    report["layers_after"] = len(layers)
+    report["decoder_parameters_after"] = sum(p.numel() for p in layers.parameters())
+    return report
+
+
+STRUCTURES = ("heads", "channels", "blocks")
+
+
+def parse_structures(text: str) -> set[str]:
+    parts = {p.strip() for p in str(text).split(",") if p.strip()}
+    if not parts or parts - set(STRUCTURES):
+        raise OneshotError(f"--structure takes heads, channels, blocks or a comma list of them, got {text!r}")
+    return parts
+
+
+def check_request(hf_config, structures: set[str], remove: float, trust_remote_code: bool = False) -> dict:
+    """The request against the model's shapes on the meta device, before any weight is read: the layouts
+    can be cut, and the fraction can be reached (blocks: at least one kept; heads: at most all but one per
+    key/value group; channels: all but one). Returns the block and width budgets."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from ..model.structure import find_decoder_layers
+
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code)
+    _, layers = find_decoder_layers(skeleton)
+    text = skeleton.config.get_text_config()
+    check_supported(layers, structures, text)
+    sizes = {sum(p.numel() for p in layer.parameters()) for layer in layers}
+    if len(sizes) > 1 and structures & {"heads", "channels"}:
+        raise OneshotError("--structure heads/channels: the decoder blocks differ in size; only blocks can be "
+                           "removed from this model for now")
+    block_params = sum(p.numel() for p in layers.parameters())
+    budget = remove * block_params
+    blocks = 0
+    if "blocks" in structures:
+        share = budget if structures == {"blocks"} else budget / 2
+        blocks = int(round(share / (block_params / len(layers))))
+        if blocks >= len(layers):
+            raise OneshotError(f"--remove {remove}: that is {blocks} of the {len(layers)} decoder blocks; keep at "
+                               "least one")
+        budget -= blocks * block_params / len(layers)
+    width = structures & {"heads", "channels"}
+    if width and budget > 0:
+        heads, kv, head_dim = head_counts(text)
+        layer = layers[0]
+        plan_width(layer, mlp_parts(layer) if "channels" in width else None,
+                   attention_parts(layer) if "heads" in width else None,
+                   budget / (len(layers) - blocks), heads, kv, head_dim, None, 0.01)
+    return {"blocks": blocks, "width_budget": budget}

@@ -1,0 +1,149 @@
+"""Structured pruning (issue 16): heads, MLP channels and whole blocks removed, with group OBS."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from oneshot.cli import main
+from oneshot.structured import group_errors, inverse_hessian, remove_groups
+
+
+def _prune(src, out, calib, *extra):
+    return main(["prune", src, "--calib", calib, "--nsamples", "4", "--seqlen", "32", "--out", str(out), "--quiet",
+                 *extra])
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("oneshot: error: "), err
+    return err[0]
+
+
+def test_group_obs_is_the_least_squares_solution():
+    """Removing a set of column groups with the OBS update gives the least-squares fit of the dense output
+    on the kept inputs, and each group's OBS cost is the brute-force error of removing it alone."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 400, dtype=torch.float64)
+    h = x @ x.T
+    w = torch.randn(5, 12, dtype=torch.float64)
+    y = w @ x
+    result = remove_groups(w, h, 2, 2, dampening=0.0, forced=[1, 4])
+    cut = [2, 3, 8, 9]
+    keep = [c for c in range(12) if c not in cut]
+    best = torch.linalg.lstsq(x[keep].T, y.T).solution.T
+    assert torch.allclose(result.weight[:, keep], best, atol=1e-9) and not result.weight[:, cut].any()
+    assert result.error == pytest.approx(float(((y - best @ x[keep]) ** 2).sum()), rel=1e-9)
+    costs = group_errors(w, inverse_hessian(h, 0.0), 2, torch.arange(6))
+    for g in range(6):
+        kept = [c for c in range(12) if c // 2 != g]
+        fit = torch.linalg.lstsq(x[kept].T, y.T).solution.T
+        assert float(costs[g]) == pytest.approx(float(((y - fit @ x[kept]) ** 2).sum()), rel=1e-9)
+    # the greedy choice of one group is the cheapest one
+    assert remove_groups(w, h, 2, 1, dampening=0.0).removed == [int(torch.argmin(costs))]
+
+
+def _params(directory):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    return model, sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("structure,fraction", [("channels", 0.25), ("heads", 0.1), ("heads,channels", 0.3),
+                                                ("blocks", 0.5), ("heads,channels,blocks", 0.5)])
+def test_the_output_is_a_smaller_plain_checkpoint(structure, fraction, tiny_factory, calib_txt, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_factory("llama")
+    out = tmp_path / "o"
+    assert _prune(src, out, calib_txt, "--structure", structure, "--remove", str(fraction)) == 0
+    dense, before = _params(src)
+    model, after = _params(out)  # plain transformers, its config updated
+    report = json.loads((out / "report.json").read_text())
+    st = report["structured"]
+    assert report["total_parameters"] == after and st["parameters_before"] == before
+    removed = st["decoder_parameters_before"] - st["decoder_parameters_after"]
+    assert removed == before - after, "only decoder-block parameters go"
+    assert abs(removed / st["decoder_parameters_before"] - fraction) < 0.1
+    text = model.config
+    layers = model.model.layers
+    assert text.num_hidden_layers == len(layers) == st["layers_after"]
+    for layer in layers:
+        assert layer.mlp.down_proj.in_features == text.intermediate_size
+        assert layer.self_attn.q_proj.out_features == text.num_attention_heads * text.head_dim
+        assert layer.self_attn.k_proj.out_features == text.num_key_value_heads * text.head_dim
+    assert text.num_attention_heads % text.num_key_value_heads == 0
+    ids = torch.arange(24).unsqueeze(0) % text.vocab_size
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+        model.generate(ids, max_new_tokens=4, do_sample=False)  # the KV cache works with the new shapes
+    assert main(["verify", str(out), "--quiet"]) == 0
+    del dense, AutoModelForCausalLM
+
+
+def test_a_channel_that_contributes_nothing_goes_first_and_changes_nothing(tiny_factory, calib_txt, tmp_path):
+    """A channel whose down_proj column is zero is removed before any other, with no change to the logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tiny_factory("llama")
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight[:, 7] = 0.0
+    dead = tmp_path / "dead"
+    model.save_pretrained(dead)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dead)
+    one = 3 * model.config.hidden_size / sum(p.numel() for p in model.model.layers[0].parameters())  # one channel
+    out = tmp_path / "o"
+    assert _prune(str(dead), out, calib_txt, "--structure", "channels", "--remove", f"{one:.6f}") == 0
+    report = json.loads((out / "report.json").read_text())["structured"]
+    assert all(e["mlp"]["removed_channels"] == [7] for e in report["layers"])
+    pruned = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.arange(32).unsqueeze(0) % model.config.vocab_size
+    with torch.no_grad():
+        assert torch.allclose(pruned(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_removing_nothing_changes_nothing(tiny_factory, calib_txt, tmp_path):
+    src = tiny_factory("llama")
+    out = tmp_path / "o"
+    assert _prune(src, out, calib_txt, "--structure", "channels", "--remove", "0.0001") == 0
+    from safetensors.torch import load_file
+
+    a = load_file(os.path.join(src, "model.safetensors"))
+    b = load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gqa_heads_leave_the_same_count_in_every_group(tiny_factory, calib_txt, tmp_path):
+    src = tiny_factory("llama")  # 4 query heads, 2 key/value heads
+    out = tmp_path / "o"
+    assert _prune(src, out, calib_txt, "--structure", "heads", "--remove", "0.1") == 0
+    report = json.loads((out / "report.json").read_text())["structured"]
+    for entry in report["layers"]:
+        att = entry["attention"]
+        assert att["heads_after"] == 2 and att["kv_heads_after"] == 2
+        assert sorted(h // 2 for h in att["removed_heads"]) == [0, 1], "one from each key/value group"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--structure", "channels", "--remove", "1.5"], "--remove must be a fraction strictly between 0 and 1"),
+    (["--structure", "channels", "--remove", "0"], "--remove must be a fraction strictly between 0 and 1"),
+    (["--structure", "rows", "--remove", "0.2"], "--structure takes heads, channels, blocks"),
+    (["--structure", "channels"], "--structure needs --remove"),
+    (["--remove", "0.2"], "--remove needs --structure"),
+    (["--structure", "heads", "--remove", "0.5"], "--structure heads can remove at most"),
+    (["--structure", "channels", "--remove", "0.95"], "more than the MLP channels of a decoder block hold"),
+    (["--structure", "blocks", "--remove", "0.99"], "keep at least one"),
+    (["--structure", "channels", "--remove", "0.2", "--load", "stream"], "--load full"),
+])
+def test_bad_requests_fail_up_front(args, needle, tiny_factory, calib_txt, tmp_path, capsys, monkeypatch):
+    src = tiny_factory("llama")
+    capsys.readouterr()
+    loaded = []
+    monkeypatch.setattr("oneshot.run.Run._load", lambda *a, **k: loaded.append(1))
+    assert _prune(src, tmp_path / "o", calib_txt, *args) == 2
+    assert needle in _one_line(capsys)
+    assert not loaded and not (tmp_path / "o").exists()
