@@ -108,9 +108,9 @@ def _prepare(cfg: PruneConfig, started: float, progress: bool) -> Run:
     structure = inspect_structure(hf_config, cfg.nm, cfg.ignore, cfg.trust_remote_code)
     check_moe(cfg, structure, hf_config)
     if cfg.structure:
-        from .structured import check_request
+        from .structured import channel_alignment, check_request
 
-        check_request(hf_config, cfg.structures, cfg.remove, cfg.trust_remote_code)
+        check_request(hf_config, cfg.structures, cfg.remove, cfg.trust_remote_code, channel_alignment(cfg))
     if source.kind == "local" and os.path.isdir(source.path):
         check_safetensors(source.path)
     group, device_name = setup_distributed(cfg.device)

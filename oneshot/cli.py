@@ -234,11 +234,16 @@ def _summary(report: dict) -> str:
     from .coverage import summary_lines
     from .report import summary_table
 
-    lines = [summary_table(report), "",
-        f"pruned {report['architecture']} with {report['method']} ({report['pattern']}, "
-        f"target {report['target_sparsity']:.4g}) -> {report['out']}",
-        f"  {len(report['linears'])} linears, {report['pruned_parameters']:,} weights, "
-        f"sparsity {report['sparsity']:.4f}, mean relative output error {report['mean_relative_error']:.4g}",
+    structured_only = report["method"] == "structured"
+    lines = [summary_table(report), ""]
+    if structured_only:
+        lines.append(f"pruned {report['architecture']} structurally -> {report['out']}")
+    else:
+        lines += [f"pruned {report['architecture']} with {report['method']} ({report['pattern']}, "
+                  f"target {report['target_sparsity']:.4g}) -> {report['out']}",
+                  f"  {len(report['linears'])} linears, {report['pruned_parameters']:,} weights, "
+                  f"sparsity {report['sparsity']:.4f}, mean relative output error {report['mean_relative_error']:.4g}"]
+    lines += [
         f"  calibration {report['calibration']['source']}: {report['calibration']['nsamples']} x "
         f"{report['calibration']['seqlen']} tokens; {report['seconds']:.1f} s, "
         f"peak RSS {report['peak_memory']['host_rss_bytes'] / 2**30:.2f} GiB",
@@ -251,7 +256,8 @@ def _summary(report: dict) -> str:
     if report.get("distributed"):
         lines.append(f"  distributed: {report['distributed']['world_size']} ranks "
                      f"({report['distributed']['backend']})")
-    lines += summary_lines(report)
+    if not structured_only:
+        lines += summary_lines(report)
     st = report.get("structured")
     if st:
         lines.append(structured_line(st))

@@ -89,8 +89,9 @@ def announce(structure: dict, method: str, pattern: str, device: torch.device, n
              estimate: dict) -> str:
     """The line printed before the first layer."""
     line = (f"{structure['architecture']}, {structure['num_layers']} layers: {method} {pattern} on {device}; "
-            f"calibration {nsamples} x {seqlen} = {nsamples * seqlen:,} tokens; about "
-            f"{duration(estimate['seconds'])} (rough estimate, {estimate['gflops_per_second']:g} GFLOP/s measured)")
+            f"calibration {nsamples} x {seqlen} = {nsamples * seqlen:,} tokens; "
+            f"{'about ' if estimate['seconds'] >= 1 else ''}{duration(estimate['seconds'])} "
+            f"(rough estimate, {estimate['gflops_per_second']:g} GFLOP/s measured)")
     if "suggestion" in estimate:
         s = estimate["suggestion"]
         line += (f"\n  on a CPU, --nsamples {s['nsamples']} --seqlen {s['seqlen']} would take about "

@@ -31,6 +31,8 @@ def summary_table(report: dict) -> str:
                      f"{sum(errors) / len(errors):>8.4f}  {max(errors):>8.4f}  "
                      f"{'.'.join(worst['name'].split('.')[-3 if 'expert' in worst else -1:])}")
     storage = report.get("storage", {})
+    if not report["linears"]:  # --structure alone: no weight-by-weight pruning to tabulate
+        lines = []
     lines += [
         "",
         f"parameters {report['total_parameters']:,}, non-zero {report['nonzero_parameters']:,}; "

@@ -194,7 +194,7 @@ class Run:
         from .engine.loop import check_finite_weights
         from .model.structure import inspect_structure
         from .runtime import peak_memory
-        from .structured import prune_structure
+        from .structured import channel_alignment, prune_structure
 
         cfg = self.cfg
         t = time.perf_counter()
@@ -204,7 +204,7 @@ class Run:
         before = int(self.structure.get("parameters", 0))
         self.structured = prune_structure(self.model, self.calibration.input_ids, cfg.structures, cfg.remove,
                                           self.device, compute_dtype_for(self.model.dtype, self.device),
-                                          cfg.batch_size, cfg.dampening, self.progress)
+                                          cfg.batch_size, cfg.dampening, self.progress, channel_alignment(cfg))
         self.structure = inspect_structure(self.model.config, cfg.nm, cfg.ignore, cfg.trust_remote_code)
         self.structured["parameters_before"] = before
         self.structured["parameters_after"] = int(self.structure["parameters"])

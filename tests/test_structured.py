@@ -83,27 +83,40 @@ def test_the_output_is_a_smaller_plain_checkpoint(structure, fraction, tiny_fact
     del dense, AutoModelForCausalLM
 
 
-def test_a_channel_that_contributes_nothing_goes_first_and_changes_nothing(tiny_factory, calib_txt, tmp_path):
-    """A channel whose down_proj column is zero is removed before any other, with no change to the logits."""
+def test_channels_that_contribute_nothing_go_first_and_change_nothing(tiny_factory, calib_txt, tmp_path):
+    """Channels whose down_proj columns are zero are removed before any other, with no change to the logits
+    (8 of them: the kept width is a multiple of 8)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = tiny_factory("llama")
     model = AutoModelForCausalLM.from_pretrained(src)
+    dead_channels = [3, 7, 11, 19, 23, 42, 77, 100]
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.mlp.down_proj.weight[:, 7] = 0.0
+            layer.mlp.down_proj.weight[:, dead_channels] = 0.0
     dead = tmp_path / "dead"
     model.save_pretrained(dead)
     AutoTokenizer.from_pretrained(src).save_pretrained(dead)
-    one = 3 * model.config.hidden_size / sum(p.numel() for p in model.model.layers[0].parameters())  # one channel
+    eight = 8 * 3 * model.config.hidden_size / sum(p.numel() for p in model.model.layers[0].parameters())
     out = tmp_path / "o"
-    assert _prune(str(dead), out, calib_txt, "--structure", "channels", "--remove", f"{one:.6f}") == 0
+    assert _prune(str(dead), out, calib_txt, "--structure", "channels", "--remove", f"{eight:.6f}") == 0
     report = json.loads((out / "report.json").read_text())["structured"]
-    assert all(e["mlp"]["removed_channels"] == [7] for e in report["layers"])
+    assert all(e["mlp"]["removed_channels"] == dead_channels for e in report["layers"])
     pruned = AutoModelForCausalLM.from_pretrained(out)
     ids = torch.arange(32).unsqueeze(0) % model.config.vocab_size
     with torch.no_grad():
         assert torch.allclose(pruned(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_structure_then_two_four_on_what_remains(tiny_factory, calib_txt, tmp_path):
+    """Channels removed, then 2:4 on every remaining linear, in one run: the kept width is a multiple of M."""
+    out = tmp_path / "o"
+    assert _prune(tiny_factory("llama"), out, calib_txt, "--structure", "channels", "--remove", "0.2",
+                  "--pattern", "2:4") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["pattern"] == "2:4" and report["sparsity"] == pytest.approx(0.5)
+    assert report["structured"]["layers"][0]["mlp"]["channels_after"] % 8 == 0
+    assert main(["verify", str(out), "--quiet"]) == 0
 
 
 def test_removing_nothing_changes_nothing(tiny_factory, calib_txt, tmp_path):

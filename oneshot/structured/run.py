@@ -94,7 +94,7 @@ def drop_blocks(model, path: str, layers: nn.ModuleList, drop: list[int]) -> Non
 
 
 def plan_width(layer, mlp: MLPParts | None, attn: AttentionParts | None, budget: float, heads: int, kv: int,
-               head_dim: int, hessians: dict | None, dampening: float) -> tuple[WidthPlan, list[dict]]:
+               head_dim: int, hessians: dict | None, dampening: float, align: int = 1) -> tuple[WidthPlan, list[dict]]:
     """How many channels and heads every layer gives up for ``budget`` parameters a layer: with both
     structures, each feasible head count is tried on this layer (the first) and the split with the least
     total OBS error (both errors are changes of the residual stream, comparable) is kept."""
@@ -119,10 +119,14 @@ def plan_width(layer, mlp: MLPParts | None, attn: AttentionParts | None, budget:
         if rest < 0 and r:
             break
         channels = int(round(max(rest, 0) / ccost))
-        if channels <= width - 1:
-            tried.append({"heads_per_group": r, "channels": channels})
+        if channels > width - align:
+            continue
+        if channels:  # the kept width a multiple of `align` (N:M groups, fast GEMM shapes)
+            kept = max(align, int(round((width - channels) / align)) * align)
+            channels = max(0, width - kept)
+        tried.append({"heads_per_group": r, "channels": channels})
     if not tried:
-        raise OneshotError(f"--remove asks for more than the MLP channels of a decoder block hold ({width - 1} of "
+        raise OneshotError(f"--remove asks for more than the MLP channels of a decoder block hold ({width - align} of "
                            f"{width} at most): use a smaller fraction, or add heads or blocks to --structure")
     if len(tried) > 1 and hessians is not None:
         for option in tried:
@@ -147,7 +151,8 @@ def plan_width(layer, mlp: MLPParts | None, attn: AttentionParts | None, budget:
 
 @torch.no_grad()
 def prune_structure(model, input_ids: torch.Tensor, structures: set[str], remove: float, device: torch.device,
-                    dtype: torch.dtype, batch_size: int = 0, dampening: float = 0.01, progress: bool = True) -> dict:
+                    dtype: torch.dtype, batch_size: int = 0, dampening: float = 0.01, progress: bool = True,
+                    align: int = 1) -> dict:
     """Remove ``remove`` of the decoder blocks' parameters as whole blocks, attention heads and MLP channels
     (``structures``); returns the report's ``structured`` entry. Blocks go first (by Block Influence on
     the dense model, with both kinds half the budget each); then, layer by layer on the calibration
@@ -197,7 +202,7 @@ def prune_structure(model, input_ids: torch.Tensor, structures: set[str], remove
                 pass
             hooks.close()
             if plan is None:
-                plan, tried = plan_width(layer, mlp, attn, per_layer, heads, kv, head_dim, hooks.h, dampening)
+                plan, tried = plan_width(layer, mlp, attn, per_layer, heads, kv, head_dim, hooks.h, dampening, align)
                 report["width_plan"] = {"channels": plan.channels, "heads_per_group": plan.heads_per_group,
                                         "tried_on_layer_0": tried}
             entry = {"layer": i}
@@ -238,7 +243,8 @@ def parse_structures(text: str) -> set[str]:
     return parts
 
 
-def check_request(hf_config, structures: set[str], remove: float, trust_remote_code: bool = False) -> dict:
+def check_request(hf_config, structures: set[str], remove: float, trust_remote_code: bool = False,
+                  align: int = 1) -> dict:
     """The request against the model's shapes on the meta device, before any weight is read: the layouts
     can be cut, and the fraction can be reached (blocks: at least one kept; heads: at most all but one per
     key/value group; channels: all but one). Returns the block and width budgets."""
@@ -272,5 +278,12 @@ def check_request(hf_config, structures: set[str], remove: float, trust_remote_c
         layer = layers[0]
         plan_width(layer, mlp_parts(layer) if "channels" in width else None,
                    attention_parts(layer) if "heads" in width else None,
-                   budget / (len(layers) - blocks), heads, kv, head_dim, None, 0.01)
+                   budget / (len(layers) - blocks), heads, kv, head_dim, None, 0.01, align)
     return {"blocks": blocks, "width_budget": budget}
+
+
+def channel_alignment(cfg) -> int:
+    """The kept MLP width is a multiple of this: 8 (GEMM-friendly shapes), or M of an N:M pattern pruned
+    afterwards when that is larger."""
+    nm = cfg.nm if cfg.unstructured else None
+    return max(8, nm[1] if nm else 1)
