@@ -82,3 +82,57 @@ def plot(report: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def structured_line(st: dict) -> str:
+    """One line for --structure: what went and what the model weighs now."""
+    what = []
+    if st.get("blocks", {}).get("removed"):
+        what.append(f"{len(st['blocks']['removed'])} of {st['layers_before']} blocks")
+    first = (st.get("layers") or [{}])[0]
+    if "attention" in first:
+        what.append(f"heads {first['attention']['heads_before']} -> {first['attention']['heads_after']} a layer")
+    if "mlp" in first:
+        what.append(f"MLP channels {first['mlp']['channels_before']} -> {first['mlp']['channels_after']} a layer")
+    removed = 1 - st["decoder_parameters_after"] / max(st["decoder_parameters_before"], 1)
+    line = (f"  structured: removed {', '.join(what) or 'nothing'} ({removed:.1%} of the decoder blocks' "
+            f"parameters); parameters {st['parameters_before']:,} -> {st['parameters_after']:,}")
+    if st.get("weight_bytes_before") and st.get("weight_bytes_after"):
+        line += f"; weights {st['weight_bytes_before'] / 1e6:.1f} MB -> {st['weight_bytes_after'] / 1e6:.1f} MB"
+    return line
+
+
+def summary_text(report: dict) -> str:
+    """What `oneshot prune` prints at the end (unless --quiet/--json): the table, then one line a topic."""
+    from .coverage import summary_lines
+
+    structured_only = report["method"] == "structured"
+    lines = [summary_table(report), ""]
+    if structured_only:
+        lines.append(f"pruned {report['architecture']} structurally -> {report['out']}")
+    else:
+        lines += [f"pruned {report['architecture']} with {report['method']} ({report['pattern']}, "
+                  f"target {report['target_sparsity']:.4g}) -> {report['out']}",
+                  f"  {len(report['linears'])} linears, {report['pruned_parameters']:,} weights, "
+                  f"sparsity {report['sparsity']:.4f}, mean relative output error {report['mean_relative_error']:.4g}"]
+    lines += [
+        f"  calibration {report['calibration']['source']}: {report['calibration']['nsamples']} x "
+        f"{report['calibration']['seqlen']} tokens; {report['seconds']:.1f} s, "
+        f"peak RSS {report['peak_memory']['host_rss_bytes'] / 2**30:.2f} GiB",
+    ]
+    load = report.get("load")
+    if load:
+        lines.append(f"  weights: {'streamed one layer at a time' if load['streaming'] else 'loaded whole'} "
+                     f"({load['why']})" + (f"; resumed at layer {report['resumed_at_layer']}"
+                                          if report.get("resumed_at_layer") else ""))
+    if report.get("distributed"):
+        lines.append(f"  distributed: {report['distributed']['world_size']} ranks "
+                     f"({report['distributed']['backend']})")
+    if not structured_only:
+        lines += summary_lines(report)
+    st = report.get("structured")
+    if st:
+        lines.append(structured_line(st))
+    for note in report["notes"]:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)

@@ -160,3 +160,16 @@ def test_bad_requests_fail_up_front(args, needle, tiny_factory, calib_txt, tmp_p
     assert _prune(src, tmp_path / "o", calib_txt, *args) == 2
     assert needle in _one_line(capsys)
     assert not loaded and not (tmp_path / "o").exists()
+
+
+def test_the_summary_says_what_went(tiny_factory, calib_txt, tmp_path, capsys):
+    src = tiny_factory("llama")
+    capsys.readouterr()
+    assert main(["prune", src, "--calib", calib_txt, "--nsamples", "4", "--seqlen", "32", "--out", str(tmp_path / "o"),
+                 "--structure", "heads,channels", "--remove", "0.3"]) == 0
+    err = capsys.readouterr().err
+    assert "pruned LlamaForCausalLM structurally -> " in err
+    line = next(x for x in err.splitlines() if x.strip().startswith("structured: removed"))
+    assert "heads 4 -> 2 a layer" in line and "MLP channels 128 -> " in line and "parameters 98,624 -> " in line
+    report = json.loads((tmp_path / "o" / "report.json").read_text())["structured"]
+    assert all("error" in option for option in report["width_plan"]["tried_on_layer_0"])

@@ -13,7 +13,6 @@ from .surgery import (
     ConsumerHessians,
     MLPParts,
     WidthPlan,
-    _per_group_choice,
     attention_parts,
     channel_cost,
     check_supported,
@@ -22,6 +21,7 @@ from .surgery import (
     head_cost,
     head_counts,
     mlp_parts,
+    per_group_choice,
 )
 
 
@@ -136,7 +136,7 @@ def plan_width(layer, mlp: MLPParts | None, attn: AttentionParts | None, budget:
                 count = option["heads_per_group"] * (1 if mha else kv)
                 error += remove_groups(o, hessians[attn.o], head_dim, count, dampening,
                                        steps=option["heads_per_group"],
-                                       choose=None if mha else _per_group_choice(heads // kv, kv)).error
+                                       choose=None if mha else per_group_choice(heads // kv, kv)).error
             if option["channels"]:
                 down = modules[mlp.consumer].weight.data.float()
                 error += remove_groups(down, hessians[mlp.consumer], 1, option["channels"], dampening).error

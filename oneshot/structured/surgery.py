@@ -139,7 +139,7 @@ class ConsumerHessians:
             h.remove()
 
 
-def _per_group_choice(heads_per_kv: int, kv: int):
+def per_group_choice(heads_per_kv: int, kv: int):
     """choose(): one query head from every key/value group per step (the cheapest in each group)."""
     def choose(errors: torch.Tensor, candidates: torch.Tensor) -> list[int]:
         chosen = []
@@ -177,7 +177,7 @@ def cut_heads(layer: nn.Module, parts: AttentionParts, hessian: torch.Tensor, he
         result = remove_groups(o.weight.data.float(), hessian, head_dim, per_group, dampening)
     else:
         result = remove_groups(o.weight.data.float(), hessian, head_dim, per_group * kv, dampening,
-                               steps=per_group, choose=_per_group_choice(heads // kv, kv))
+                               steps=per_group, choose=per_group_choice(heads // kv, kv))
     kept_heads = sorted(set(range(heads)) - set(result.removed))
     rows = torch.tensor([h * head_dim + d for h in kept_heads for d in range(head_dim)], dtype=torch.long)
     keep_rows(modules[parts.q], rows)
