@@ -208,7 +208,9 @@ def test_ctrl_c_says_what_was_kept_and_resume_finishes_byte_identical(deep, cali
     reference = str(tmp_path / "reference")
     subprocess.run(_cli(deep, reference, calib_txt, "--load", "stream"), check=True, env=env)
     out = str(tmp_path / "o")
-    proc = subprocess.Popen(_cli(deep, out, calib_txt, "--load", "stream"), env=env, stderr=subprocess.PIPE, text=True)
+    # a background job (CI) inherits SIGINT ignored, and Python then keeps it ignored: restore the default
+    proc = subprocess.Popen(_cli(deep, out, calib_txt, "--load", "stream"), env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _signal_when(proc, out, 3, signal.SIGINT)
     rc, err = proc.wait(), proc.stderr.read().strip().splitlines()
     assert rc == 130 and len(err) == 1, (rc, err)
