@@ -29,7 +29,7 @@ from benchmarks.common import ROOT, VALID, machine, smollm2_bf16  # noqa: E402
 from benchmarks.quality import ppl_of  # noqa: E402
 
 RECIPES = {"blocks": "--structure blocks", "channels": "--structure channels",
-           "heads,channels": "--structure heads,channels"}
+           "heads,channels": "--structure heads,channels", "channels,blocks": "--structure channels,blocks"}
 
 
 def speed(directory: str, repeats: int = 5) -> dict:
@@ -99,7 +99,8 @@ def main() -> None:
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quality")
     q.add_argument("--fractions", default="0.2,0.35")
-    q.add_argument("--recipes", default=",".join(RECIPES).replace("heads,channels", "heads+channels"))
+    q.add_argument("--recipes", default="blocks,channels,heads+channels",
+                   help="comma list of recipes; '+' inside one: blocks, channels, heads+channels, channels+blocks")
     q.add_argument("--repeats", type=int, default=5)
     s = sub.add_parser("speed")
     s.add_argument("dirs", nargs="+")
