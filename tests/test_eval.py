@@ -41,6 +41,13 @@ def test_eval_perplexity_matches_hand_computation(tiny_factory, calib_txt, tmp_p
     assert result["perplexity"] == pytest.approx(expected, rel=1e-5)
 
 
+def _task_yaml(name: str, dataset: str) -> str:
+    """An lm-eval multiple-choice task over {"question", "choices", "answer"} rows of ``dataset``."""
+    return (f"task: {name}\n{dataset}test_split: test\noutput_type: multiple_choice\n"
+            'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+            "metric_list:\n  - metric: acc\n")
+
+
 def _local_task(tmp_path):
     import random
 
@@ -53,16 +60,8 @@ def _local_task(tmp_path):
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "data.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (tasks / "local.yaml").write_text(
-        "task: oneshot_local\n"
-        "dataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {tasks / 'data.jsonl'}\n"
-        "test_split: test\n"
-        "output_type: multiple_choice\n"
-        'doc_to_text: "{{question}}"\n'
-        'doc_to_choice: "{{choices}}"\n'
-        'doc_to_target: "{{answer}}"\n'
-        "metric_list:\n  - metric: acc\n")
+    (tasks / "local.yaml").write_text(_task_yaml("oneshot_local", "dataset_path: json\n"
+                                                 f"dataset_kwargs:\n  data_files:\n    test: {tasks / 'data.jsonl'}\n"))
     return str(tasks), docs
 
 
@@ -189,15 +188,8 @@ def offline(monkeypatch):
 def _uncached_task(tmp_path):
     tasks = tmp_path / "hubtasks"
     tasks.mkdir()
-    (tasks / "hub.yaml").write_text(
-        "task: oneshot_uncached\n"
-        "dataset_path: oneshot-tests/no-such-dataset-anywhere\n"
-        "test_split: test\n"
-        "output_type: multiple_choice\n"
-        'doc_to_text: "{{question}}"\n'
-        'doc_to_choice: "{{choices}}"\n'
-        'doc_to_target: "{{answer}}"\n'
-        "metric_list:\n  - metric: acc\n")
+    (tasks / "hub.yaml").write_text(_task_yaml("oneshot_uncached",
+                                               "dataset_path: oneshot-tests/no-such-dataset-anywhere\n"))
     return str(tasks)
 
 

@@ -173,3 +173,34 @@ def test_the_summary_says_what_went(tiny_factory, calib_txt, tmp_path, capsys):
     assert "heads 4 -> 2 a layer" in line and "MLP channels 128 -> " in line and "parameters 98,624 -> " in line
     report = json.loads((tmp_path / "o" / "report.json").read_text())["structured"]
     assert all("error" in option for option in report["width_plan"]["tried_on_layer_0"])
+
+
+def test_a_bf16_checkpoint_stays_bf16(tiny_factory, calib_txt, tmp_path):
+    """What users have: bf16 weights, computed in float32 on the CPU, written back in bf16."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "o"
+    assert _prune(tiny_factory("llama", "bfloat16"), out, calib_txt, "--structure", "heads,channels",
+                  "--remove", "0.3") == 0
+    tensors = load_file(str(out / "model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+    model, after = _params(out)
+    assert json.loads((out / "report.json").read_text())["total_parameters"] == after
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.arange(16).unsqueeze(0)).logits).all()
+
+
+def test_mixture_of_experts_channels_are_refused_and_heads_work(tiny_factory, calib_txt, tmp_path, capsys):
+    """Experts' inner channels are not cut yet: one line before loading; their attention heads are."""
+    src = tiny_factory("qwen3_moe")
+    capsys.readouterr()
+    assert _prune(src, tmp_path / "a", calib_txt, "--structure", "channels", "--remove", "0.1") == 2
+    assert "--structure channels" in _one_line(capsys) and not (tmp_path / "a").exists()
+    out = tmp_path / "b"
+    assert _prune(src, out, calib_txt, "--structure", "heads", "--remove", "0.05") == 0
+    entries = json.loads((out / "report.json").read_text())["structured"]["layers"]
+    assert all(e["attention"]["heads_before"] == 4 and e["attention"]["heads_after"] == 2 for e in entries)
+    model, after = _params(out)
+    assert model.config.num_attention_heads == 2
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.arange(16).unsqueeze(0)).logits).all()

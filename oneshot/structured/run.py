@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..engine.layerio import LayerIO, onload, restore
 from ..errors import OneshotError
 from .obs import remove_groups
 from .surgery import (
@@ -42,17 +43,14 @@ def _run_layer(layer, captured, i: int, device, dtype, replace: bool):
             captured.hidden[b] = out.to(captured.hidden[b].device, captured.hidden[b].dtype)
 
 
-def _on(layer: nn.Module, device, dtype) -> dict:
-    stored = {n: p.dtype for n, p in layer.named_parameters()}
-    layer.to(device=device, dtype=dtype)
-    return stored
+def _on(i: int, layer: nn.Module, device, dtype) -> dict:
+    """Layer ``i`` on ``device`` in ``dtype``, as the engine loads a layer; returns what :func:`_off` needs."""
+    return onload(LayerIO(), i, layer, device, dtype)
 
 
-def _off(layer: nn.Module, stored: dict) -> None:
-    layer.to("cpu")
-    for name, param in layer.named_parameters():
-        if param.dtype != stored.get(name, param.dtype):
-            param.data = param.data.to(stored[name])
+def _off(i: int, layer: nn.Module, device, stored: dict) -> None:
+    restore(layer, stored)
+    LayerIO().release(i, layer, torch.device(device))
 
 
 @torch.no_grad()
@@ -64,13 +62,13 @@ def block_influence(model, layers: nn.ModuleList, batches, device, dtype) -> lis
     captured = capture_inputs(model, layers, batches, device, torch.device("cpu"))
     scores = []
     for i, layer in enumerate(layers):
-        stored = _on(layer, device, dtype)
+        stored = _on(i, layer, device, dtype)
         total, count = 0.0, 0
         for hidden, out in _run_layer(layer, captured, i, device, dtype, replace=True):
             cos = torch.nn.functional.cosine_similarity(hidden.float(), out.float(), dim=-1)
             total += float(cos.sum())
             count += cos.numel()
-        _off(layer, stored)
+        _off(i, layer, device, stored)
         scores.append(1.0 - total / max(count, 1))
     model.to("cpu")
     return scores
@@ -194,7 +192,7 @@ def prune_structure(model, input_ids: torch.Tensor, structures: set[str], remove
         plan, entries = None, []
         bar = tqdm(total=len(layers), desc="structured", unit="layer", disable=not progress)
         for i, layer in enumerate(layers):
-            stored = _on(layer, device, dtype)
+            stored = _on(i, layer, device, dtype)
             modules = dict(layer.named_modules())
             consumers = {n: modules[n] for n in ([mlp.consumer] if mlp else []) + ([attn.o] if attn else [])}
             hooks = ConsumerHessians(consumers)
@@ -214,7 +212,7 @@ def prune_structure(model, input_ids: torch.Tensor, structures: set[str], remove
             del hooks
             for _ in _run_layer(layer, captured, i, device, dtype, replace=True):
                 pass
-            _off(layer, stored)
+            _off(i, layer, device, stored)
             entries.append(entry)
             bar.update(1)
         bar.close()
