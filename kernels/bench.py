@@ -74,6 +74,7 @@ class Timer:
 
     def __init__(self, device: torch.device, warmup: int = 10, iters: int = 50, flush_l2: bool = True):
         self.device, self.warmup, self.iters = device, warmup, iters
+        self.mode = "eager"  # how the last call ran: eager, cuda-graph, or eager after a failed capture
         self.flush = None
         if device.type == "cuda" and flush_l2:
             self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)  # > any L2
@@ -88,18 +89,13 @@ class Timer:
                 fn()
                 times.append(time.perf_counter() - t)
             return statistics.median(times)
-        run = fn
+        run, self.mode = fn, "eager"
         if graph:
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(3):
-                    fn()
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            run = g.replay
+            try:
+                run, self.mode = self._capture(fn), "cuda-graph"
+            except Exception as exc:  # noqa: BLE001 - a step that cannot be captured is timed eagerly, and says so
+                torch.cuda.synchronize(self.device)
+                self.mode = f"eager (capture failed: {type(exc).__name__}: {str(exc)[:120]})"
         for _ in range(self.warmup):
             run()
         torch.cuda.synchronize(self.device)
@@ -114,6 +110,18 @@ class Timer:
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         return statistics.median(times)
+
+    def _capture(self, fn):
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return g.replay
 
 
 def _sig(value: float, digits: int = 4) -> float:
@@ -142,6 +150,7 @@ def gemm_case(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, 
     peak = peaks(info or {})
     rows = []
     dense_s = timer(lambda: F.linear(x, weight), graph=graph)
+    dense_mode = timer.mode
     flops = 2 * m * n * k
     dense_bytes = gemm_bytes(m, n, k, element, packed=False)
     sparse_bytes = gemm_bytes(m, n, k, element, packed=True)
@@ -154,9 +163,10 @@ def gemm_case(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, 
             sparse_linear(x, packed, None, name)  # build the cached form outside the timing
             seconds = timer(lambda name=name: sparse_linear(x, packed, None, name), graph=graph)
             moved = sparse_bytes
+        mode = dense_mode if name == "dense" else timer.mode
         row = {"M": m, "N": n, "K": k, "dtype": str(dtype).split(".")[-1], "backend": name,
                "latency_us": _sig(seconds * 1e6), "tflops": _sig(flops / seconds / 1e12),
-               "gbps": _sig(moved / seconds / 1e9), "speedup": round(dense_s / seconds, 3)}
+               "gbps": _sig(moved / seconds / 1e9), "speedup": round(dense_s / seconds, 3), "timing": mode}
         if peak is not None:
             floor = max(flops / (peak[0] * 1e12) / (1 if name == "dense" else 2), moved / (peak[1] * 1e9))
             row["roofline_floor_us"] = round(floor * 1e6, 2)

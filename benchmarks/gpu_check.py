@@ -1,0 +1,610 @@
+"""The GPU proof in one command: every GPU figure oneshot promises, from one run that fits a short lease.
+
+    python benchmarks/gpu_check.py [--out gpu-check] [--budget 420] [--prune-layers 4] [--e2e-layers 32]
+    python benchmarks/gpu_check.py --dry-run --out /tmp/gpu-check     # CPU, tiny shapes (the test suite)
+
+Sections, in this order, each saved as it finishes (an interrupted run keeps what finished):
+
+1. ``environment``: GPU, driver, CUDA, cuSPARSELt, torch, Triton, transformers versions, clocks;
+2. ``correctness``: every backend (cutlass, cusparselt, triton, auto; dense as a check) against the
+   fp32 reference on random 2:4 weights, fp16 and bf16, several shapes, with and without bias;
+3. ``gemm``: Llama-3-8B layer shapes x M in {1, 16, 64, 256, 1024, 4096, 16384}, bf16: dense cuBLAS
+   and each backend (CUDA events, L2 flushed, CUDA graphs for M <= 64, median), speedup and fraction
+   of the ideal; the fastest backend per shape and M becomes the tuning table ``auto`` reads
+   (written to OUT/tuning.json; copy it to kernels/tuning.json);
+4. ``prune``: a random Llama-3-8B-shape checkpoint with ``--prune-layers`` decoder layers (made on
+   the spot), SparseGPT 2:4 and Wanda 50% through ``oneshot.prune`` on the GPU with 128 x 2048
+   calibration tokens (the bundled WikiText-2 text): seconds per phase, peak GPU memory, and the
+   32-layer time extrapolated from the per-layer time (said so in the table);
+5. ``e2e``: a random Llama-3-8B-shape model (``--e2e-layers``), every decoder linear 2:4: prefill
+   tokens/s (batch 1, 2048 tokens) and decode tokens/s at batch 1, 8, 32 (one token per step after a
+   512-token context, static KV cache, the step replayed as a CUDA graph; eager if capture fails, said
+   so), dense against ``kernels.sparsify`` with each backend.
+
+``--budget`` (seconds) shrinks the work to fit: sections past the budget are skipped (said so) and
+the GEMM sizes and e2e layers shrink when little time is left. Writes OUT/gpu-check.json and
+OUT/gpu-check.md and prints the table. Needs only torch, transformers, safetensors, tokenizers (and
+Triton for the triton backend): no install step, nothing from the network (the bare GPU image).
+
+``--dry-run``: CPU, tiny shapes, the reference and dense backends and the Triton kernel through its
+interpreter (``TRITON_INTERPRET=1``); times mean nothing. tests/test_gpu_check.py runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+M_SIZES = (1, 16, 64, 256, 1024, 4096, 16384)
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                 head_dim=128, vocab_size=128256, num_hidden_layers=32)
+TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+            vocab_size=384, num_hidden_layers=2)
+# distinct (name, N, K) of a Llama-3-8B decoder layer: q/o, k/v, gate/up, down
+GEMM_SHAPES = [("q_proj,o_proj", 4096, 4096), ("k_proj,v_proj", 1024, 4096), ("gate_proj,up_proj", 14336, 4096),
+               ("down_proj", 4096, 14336)]
+TINY_GEMM_SHAPES = [("q_proj,o_proj", 128, 128), ("gate_proj,up_proj", 256, 128), ("down_proj", 128, 256)]
+TRITON_MAX_M = 256  # the Triton kernel is written for decode sizes; above this it is not a contender
+BARS = {"gemm_small_m": 1.5, "gemm_large_m": 1.4, "decode": 1.3, "prefill": 1.2, "sparsegpt_s": 120.0,
+        "wanda_s": 30.0, "peak_gb": 16.0}
+
+
+class Results:
+    """The run's results, written (atomically) after every step that adds to them."""
+
+    def __init__(self, out: str, dry_run: bool, budget: float):
+        self.out = out
+        self.started = time.time()
+        self.budget = budget
+        self.data = {"dry_run": dry_run, "budget_s": budget, "sections": {}, "notes": []}
+        os.makedirs(out, exist_ok=True)
+
+    def left(self) -> float:
+        return self.budget - (time.time() - self.started)
+
+    def note(self, text: str) -> None:
+        print(f"note: {text}", flush=True)
+        self.data["notes"].append(text)
+
+    def save(self) -> None:
+        self.data["elapsed_s"] = round(time.time() - self.started, 1)
+        for name, text in (("gpu-check.json", json.dumps(self.data, indent=1, default=str)),
+                           ("gpu-check.md", markdown(self.data))):
+            fd, tmp = tempfile.mkstemp(dir=self.out, prefix=f".{name}.")
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.replace(tmp, os.path.join(self.out, name))
+
+    def run(self, name: str, fn, *args, needs: float = 0.0) -> None:
+        """Run one section; record its status, seconds and any error; save."""
+        record = self.data["sections"].setdefault(name, {})
+        if self.left() < needs:
+            record.update(status="skipped", reason=f"{self.left():.0f} s of the budget left, needs ~{needs:.0f} s")
+            self.note(f"{name}: skipped ({record['reason']})")
+            self.save()
+            return
+        t = time.time()
+        print(f"== {name} ({self.left():.0f} s of the budget left)", flush=True)
+        try:
+            fn(self, record, *args)
+            record["status"] = "ok"
+        except KeyboardInterrupt:
+            record["status"] = "interrupted"
+            record["seconds"] = round(time.time() - t, 1)
+            self.data["interrupted"] = True
+            self.save()
+            raise
+        except Exception as exc:  # noqa: BLE001 - one section's failure must not lose the others
+            record.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            print(record["traceback"], file=sys.stderr, flush=True)
+        record["seconds"] = round(time.time() - t, 1)
+        self.save()
+
+
+# ------------------------------------------------------------------------------------------ sections
+
+
+def environment(res: Results, record: dict, device) -> None:
+    import torch
+    import transformers
+
+    from oneshot.kernels.bench import device_info
+
+    info = device_info(device)
+    info["transformers"] = transformers.__version__
+    info["python"] = sys.version.split()[0]
+    info["commit"] = os.environ.get("ONESHOT_COMMIT", "unknown")
+    if device.type == "cuda":
+        info["cudnn"] = torch.backends.cudnn.version()
+        info["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+    record.update(info)
+    print(json.dumps(info), flush=True)
+
+
+def random_24(n: int, k: int, dtype, device, seed: int):
+    """A random [n, k] weight with exactly 2 of every 4 consecutive inputs kept."""
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    keep = torch.zeros(n, k // 4, 4, dtype=torch.bool)
+    keep.scatter_(-1, torch.rand(n, k // 4, 4, generator=g).argsort(-1)[..., :2], True)
+    return torch.where(keep.reshape(n, k), w, torch.zeros(())).to(dtype).to(device)
+
+
+TOLERANCE = {"float16": 2e-3, "bfloat16": 1.2e-2, "float32": 1e-4}  # relative Frobenius error of the output
+
+
+def correctness(res: Results, record: dict, device, dry: bool) -> None:
+    import torch
+
+    from oneshot.kernels import BACKENDS, Packed24, available, choose, sparse_linear
+
+    shapes = [(1, 64, 64), (5, 96, 256), (16, 64, 128)] if dry else \
+        [(1, 4096, 4096), (7, 1024, 4096), (16, 14336, 4096), (64, 4096, 14336), (256, 4096, 4096),
+         (1024, 14336, 4096), (4096, 1024, 4096)]
+    dtypes = [torch.float16, torch.float32] if dry else [torch.float16, torch.bfloat16]
+    cases, worst = [], {}
+    for dtype in dtypes:
+        name = str(dtype).split(".")[-1]
+        for i, (m, n, k) in enumerate(shapes):
+            w = random_24(n, k, dtype, device, seed=i)
+            packed = Packed24.from_dense(w)
+            g = torch.Generator(device="cpu").manual_seed(100 + i)
+            x = torch.randn(m, k, generator=g).to(dtype).to(device)
+            bias = torch.randn(n, generator=g).to(dtype).to(device) if i % 2 else None
+            ref = torch.nn.functional.linear(x.float(), w.float(), None if bias is None else bias.float())
+            for backend in [b for b in BACKENDS if b != "reference"] + ["auto"]:
+                if backend != "auto" and backend not in available(x, packed):
+                    continue
+                if backend == "triton" and m > TRITON_MAX_M:
+                    continue
+                y = sparse_linear(x, packed, bias, backend).float()
+                err = float((y - ref).norm() / ref.norm().clamp_min(1e-30))
+                finite = bool(torch.isfinite(y).all())
+                ok = finite and err <= TOLERANCE[name]
+                case = {"dtype": name, "M": m, "N": n, "K": k, "bias": bias is not None, "backend": backend,
+                        "rel_error": float(f"{err:.3g}"), "tolerance": TOLERANCE[name], "pass": ok}
+                if backend == "auto":
+                    case["auto_chose"] = choose(x, packed)
+                cases.append(case)
+                key = f"{backend} {name}"
+                worst[key] = max(worst.get(key, 0.0), err)
+                if not ok:
+                    print(f"FAIL {case}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    record.update(cases=cases, passed=sum(c["pass"] for c in cases), total=len(cases),
+                  worst={k: float(f"{v:.3g}") for k, v in worst.items()})
+    print(f"correctness: {record['passed']}/{record['total']} cases pass; worst {record['worst']}", flush=True)
+
+
+def gemm(res: Results, record: dict, device, dry: bool, iters: int) -> None:
+    import torch
+
+    from oneshot.kernels import BACKENDS
+    from oneshot.kernels.bench import Timer, gemm_case
+
+    shapes = TINY_GEMM_SHAPES if dry else GEMM_SHAPES
+    sizes = (1, 16, 64) if dry else M_SIZES
+    if not dry and res.left() < 240:
+        sizes = tuple(m for m in sizes if m <= 4096)
+        res.note(f"gemm: M = 16384 dropped to fit the budget ({res.left():.0f} s left)")
+    timer = Timer(device, warmup=max(3, iters // 5), iters=iters)
+    info = res.data["sections"].get("environment", {})
+    rows = record.setdefault("rows", [])
+    candidates = [b for b in BACKENDS if b not in ("dense", "reference")]
+    for layers, n, k in shapes:
+        for m in sizes:
+            names = [b for b in candidates if not (b == "triton" and m > TRITON_MAX_M)]
+            if dry:
+                names = ["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else []
+            for row in gemm_case(m, n, k, torch.bfloat16 if not dry else torch.float32, device, timer, names, info):
+                rows.append({"layers": layers, **row})
+            best = min((r for r in rows[-(len(names) + 1):] if r["backend"] != "dense"),
+                       key=lambda r: r["latency_us"], default=None)
+            dense = next(r for r in rows[-(len(names) + 1):] if r["backend"] == "dense")
+            print(f"  {layers:18s} {n}x{k} M={m:5d}: dense {dense['latency_us']} us"
+                  + (f", best {best['backend']} {best['latency_us']} us ({best['speedup']:.2f}x)" if best else ""),
+                  flush=True)
+            res.save()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    tuning = tuning_table(rows)
+    gpu = info.get("name", "cpu")
+    record["tuning"] = {gpu: {"bfloat16": tuning}}
+    with open(os.path.join(res.out, "tuning.json"), "w", encoding="utf-8") as fh:
+        json.dump(record["tuning"], fh, indent=1, sort_keys=True)
+    if device.type == "cuda":  # auto in the e2e section reads this run's table
+        from oneshot.kernels import backends
+
+        backends._TABLE = record["tuning"]
+
+
+def tuning_table(rows: list[dict]) -> dict:
+    """{"NxK": {M: fastest backend, or dense when none beats it}} from the GEMM rows."""
+    table: dict = {}
+    for r in rows:
+        if r["backend"] == "dense":
+            continue
+        cell = table.setdefault(f"{r['N']}x{r['K']}", {})
+        key = str(r["M"])
+        if r["speedup"] > 1.0 and (key not in cell or r["speedup"] > cell[key][1]):
+            cell[key] = (r["backend"], r["speedup"])
+        cell.setdefault(key, ("dense", 1.0))
+    return {shape: {m: choice[0] for m, choice in cells.items()} for shape, cells in table.items()}
+
+
+def make_checkpoint(directory: str, dims: dict, layers: int) -> float:
+    """A random bf16 Llama checkpoint with these dimensions and ``layers`` decoder layers; GB written."""
+    import transformers as tf
+    from accelerate import init_empty_weights
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from benchmarks.common import write_random_shards
+    from tiny import make_tokenizer
+
+    config = tf.LlamaConfig(dtype="bfloat16", tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                            max_position_embeddings=8192, **{**dims, "num_hidden_layers": layers})
+    with init_empty_weights():
+        skeleton = tf.AutoModelForCausalLM.from_config(config)
+    shapes = {n: p.shape for n, p in skeleton.named_parameters()}
+    total = write_random_shards(directory, shapes, layers, seed=0)
+    config.save_pretrained(directory)
+    make_tokenizer().save_pretrained(directory)
+    return total / 1e9
+
+
+def prune(res: Results, record: dict, device, dry: bool, layers: int, work: str) -> None:
+    import torch
+
+    import oneshot
+
+    dims = TINY if dry else LLAMA3_8B
+    full_layers = dims["num_hidden_layers"]
+    nsamples, seqlen = (4, 64) if dry else (128, 2048)
+    directory = os.path.join(work, "checkpoint")
+    t = time.time()
+    gb = make_checkpoint(directory, dims, layers)
+    record["checkpoint"] = {"layers": layers, "of": full_layers, "gb": round(gb, 2),
+                            "make_s": round(time.time() - t, 1),
+                            "calibration": f"{nsamples} x {seqlen} tokens, bundled WikiText-2 validation text"}
+    res.save()
+    runs = record.setdefault("runs", {})
+    for label, options in (("sparsegpt 2:4", dict(method="sparsegpt", pattern="2:4")),
+                           ("wanda 50%", dict(method="wanda", sparsity=0.5))):
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        t = time.time()
+        result = oneshot.prune(directory, None, calib="bundled", nsamples=nsamples, seqlen=seqlen,
+                               device=str(device), progress=False, **options)
+        wall = time.time() - t
+        report = result.report
+        phases = report.get("phases_seconds", {})
+        per_layer = (phases.get("prune_and_propagate", 0.0) + phases.get("layer_io", 0.0)) / layers
+        run = {"wall_s": round(wall, 2), "phases_s": phases, "per_layer_s": round(per_layer, 3),
+               "sparsity": report.get("sparsity"), "extrapolated_full_s": round(wall + (full_layers - layers) *
+                                                                                  per_layer, 1),
+               "forward_batch": report.get("forward_batch"), "compute_dtype": report.get("compute_dtype"),
+               "peak_memory_report": report.get("peak_memory")}
+        if device.type == "cuda":
+            run["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
+            run["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(device) / 1e9, 2)
+        runs[label] = run
+        print(f"  {label}: {wall:.1f} s for {layers} layers ({per_layer:.2f} s a layer; {full_layers} layers "
+              f"~{run['extrapolated_full_s']} s), peak GPU {run.get('peak_allocated_gb')} GB", flush=True)
+        del result
+        res.save()
+
+
+def llama(dims: dict, layers: int, device):
+    """A random-initialised bf16 Llama (untied head) on ``device`` with every decoder linear 2:4."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**dims, "num_hidden_layers": layers}, max_position_embeddings=8192,
+                         tie_word_embeddings=False, dtype="bfloat16")
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for module in layer.modules():
+                if isinstance(module, torch.nn.Linear):
+                    groups = module.weight.view(module.weight.shape[0], -1, 4)
+                    groups.scatter_(-1, groups.abs().argsort(-1)[..., :2], 0)
+    return model
+
+
+def decode_step_seconds(model, device, timer, batch: int, context: int, graph: bool) -> tuple[float, str]:
+    """Seconds of one decode step (one new token for each of ``batch`` sequences after ``context``
+    tokens) with a static KV cache; the step replayed as a CUDA graph when ``graph`` (else eager)."""
+    import torch
+    from transformers import StaticCache
+
+    vocab = model.config.vocab_size
+    g = torch.Generator(device="cpu").manual_seed(batch)
+    length = context + 8
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    prompt = torch.randint(vocab, (batch, context), generator=g).to(device)
+    with torch.no_grad():
+        model(input_ids=prompt, past_key_values=cache, use_cache=True,
+              cache_position=torch.arange(context, device=device))
+    step = torch.randint(vocab, (batch, 1), generator=g).to(device)
+    position = torch.tensor([context], device=device)
+    # an explicit 4-D mask (True: attend) keeps the step free of host-side mask logic, so it can be captured
+    mask = (torch.arange(length, device=device) <= context).view(1, 1, 1, length).expand(batch, 1, 1, length)
+
+    def run():
+        with torch.no_grad():
+            model(input_ids=step, past_key_values=cache, cache_position=position, attention_mask=mask,
+                  position_ids=position.view(1, 1).expand(batch, 1), use_cache=True)
+
+    seconds = timer(run, graph=graph)
+    return seconds, timer.mode
+
+
+def e2e(res: Results, record: dict, device, dry: bool, layers: int) -> None:
+    import torch
+
+    from oneshot.kernels import sparsify
+    from oneshot.kernels.bench import Timer, set_backend, usable_backends
+
+    dims = TINY if dry else LLAMA3_8B
+    prompt_len, context, batches = (32, 16, (1, 2)) if dry else (2048, 512, (1, 8, 32))
+    record.update(layers=layers, of=dims["num_hidden_layers"], prompt_len=prompt_len, context=context)
+    model = llama(dims, layers, device)
+    timer = Timer(device, warmup=2, iters=3 if dry else 8, flush_l2=False)
+    cuda = device.type == "cuda"
+    runs = record.setdefault("runs", {})
+    reference: dict = {}
+
+    def measure(name: str) -> None:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        prompt = torch.randint(dims["vocab_size"], (1, prompt_len), generator=g).to(device)
+
+        def prefill():
+            with torch.no_grad():
+                model(input_ids=prompt, use_cache=False, logits_to_keep=1)
+
+        run = {"prefill_tokens_per_s": round(prompt_len / timer(prefill), 1)}
+        with torch.no_grad():  # the swap must not change the model: last-token logits against dense
+            logits = model(input_ids=prompt[:, :64], use_cache=False, logits_to_keep=1).logits.float()
+        if "dense" in reference:
+            error = (logits - reference["dense"]).norm() / reference["dense"].norm()
+            run["logits_rel_error_vs_dense"] = float(f"{float(error):.3g}")
+        else:
+            reference["dense"] = logits
+        for batch in batches:
+            seconds, mode = decode_step_seconds(model, device, timer, batch, context, graph=cuda)
+            run[f"decode_b{batch}_tokens_per_s"] = round(batch / seconds, 1)
+            run[f"decode_b{batch}_mode"] = mode
+        runs[name] = run
+        print(f"  {name}: {json.dumps(run)}", flush=True)
+        res.save()
+        if cuda:
+            torch.cuda.empty_cache()
+
+    measure("dense")
+    sparsify(model, backend="dense")
+    for backend in usable_backends(model) + ["auto"]:
+        if dry and backend == "auto":
+            continue
+        set_backend(model, backend)
+        try:
+            measure(backend)
+        except Exception as exc:  # noqa: BLE001 - one backend's failure is a result, not the end
+            runs[backend] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            res.save()
+        for module in model.modules():  # drop the backend's cached weight forms before the next one
+            packed = getattr(module, "_packed", None)
+            if packed is not None and backend != "dense":
+                packed.cache.pop(backend, None)
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
+def _fmt(value, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(data: dict) -> str:
+    sec = data["sections"]
+    env = sec.get("environment", {})
+    lines = ["# oneshot GPU check" + (" (dry run: CPU, tiny shapes, times mean nothing)" if data["dry_run"] else ""),
+             "",
+             f"GPU {env.get('name', env.get('device', '?'))}, driver "
+             f"{env.get('nvidia_smi', {}).get('driver_version', '?')}, CUDA {env.get('cuda')}, cuSPARSELt "
+             f"{env.get('cusparselt')}, torch {env.get('torch')}, Triton {env.get('triton')}, transformers "
+             f"{env.get('transformers')}, commit {env.get('commit')}; budget {data['budget_s']:.0f} s, "
+             f"{data.get('elapsed_s', 0):.0f} s used" + ("; **interrupted**" if data.get("interrupted") else ""), ""]
+    for name, record in sec.items():
+        if record.get("status") not in ("ok", None):
+            lines.append(f"- section `{name}`: **{record.get('status')}** "
+                         f"{record.get('error') or record.get('reason') or ''}")
+    corr = sec.get("correctness", {})
+    if corr.get("cases"):
+        lines += ["", f"## Correctness: {corr['passed']}/{corr['total']} cases within tolerance", "",
+                  "| backend, dtype | worst relative error |", "|---|---|"]
+        lines += [f"| {k} | {v:.3g} |" for k, v in corr["worst"].items()]
+    rows = sec.get("gemm", {}).get("rows", [])
+    if rows:
+        backends = sorted({r["backend"] for r in rows} - {"dense"})
+        lines += ["", "## 2:4 GEMM against dense (speedup; fraction of the ideal in brackets)", "",
+                  "| layers | N x K | M | dense us | " + " | ".join(backends) + " | best |",
+                  "|---|---|---|---|" + "---|" * len(backends) + "---|"]
+        keys = []
+        for r in rows:
+            key = (r["layers"], r["N"], r["K"], r["M"])
+            if key not in keys:
+                keys.append(key)
+        for key in keys:
+            group = {r["backend"]: r for r in rows if (r["layers"], r["N"], r["K"], r["M"]) == key}
+            cells = []
+            for b in backends:
+                r = group.get(b)
+                cells.append("–" if r is None else f"{r['speedup']:.2f}x ({r['fraction_of_ideal']:.2f})")
+            sparse = [group[b] for b in backends if b in group]
+            best = max(sparse, key=lambda r: r["speedup"], default=None)
+            winner = f"{best['backend']} {_fmt(best['speedup'])}x" if best else "–"
+            lines.append(f"| {key[0]} | {key[1]} x {key[2]} | {key[3]} | {group['dense']['latency_us']} | "
+                         + " | ".join(cells) + f" | {winner} |")
+    prune_sec = sec.get("prune", {})
+    if prune_sec.get("runs"):
+        ck = prune_sec["checkpoint"]
+        lines += ["", f"## Pruning on the GPU: {ck['layers']} of {ck['of']} layers of the shape, {ck['calibration']}; "
+                  f"the {ck['of']}-layer time extrapolated from the per-layer time", "",
+                  "| run | seconds | s a layer | whole model (extrapolated) | peak GPU allocated GB | reserved GB |",
+                  "|---|---|---|---|---|---|"]
+        for label, r in prune_sec["runs"].items():
+            lines.append(f"| {label} | {r['wall_s']} | {r['per_layer_s']} | {r['extrapolated_full_s']} | "
+                         f"{r.get('peak_allocated_gb', '–')} | {r.get('peak_reserved_gb', '–')} |")
+    e2e_sec = sec.get("e2e", {})
+    if e2e_sec.get("runs"):
+        runs = e2e_sec["runs"]
+        dense = runs.get("dense", {})
+        batch_keys = sorted({k for r in runs.values() for k in r if k.startswith("decode_b") and
+                             k.endswith("_tokens_per_s")}, key=lambda k: int(k[8:].split("_")[0]))
+        lines += ["", f"## End to end: {e2e_sec['layers']} of {e2e_sec['of']} layers, prefill {e2e_sec['prompt_len']} "
+                  f"tokens at batch 1, decode after {e2e_sec['context']} tokens (tokens/s; x dense)", "",
+                  "| backend | prefill | " + " | ".join(k[7:].split("_")[0] for k in batch_keys)
+                  + " | decode timing | logits error vs dense |",
+                  "|---|---|" + "---|" * len(batch_keys) + "---|---|"]
+        for name, r in runs.items():
+            if "error" in r:
+                lines.append(f"| {name} | {r['error']} |")
+                continue
+            prefill = r["prefill_tokens_per_s"]
+            cells = [f"{prefill:.0f} ({prefill / dense['prefill_tokens_per_s']:.2f}x)"]
+            cells += [f"{r[k]:.0f} ({r[k] / dense[k]:.2f}x)" for k in batch_keys if k in r]
+            modes = sorted({v for k, v in r.items() if k.endswith("_mode")})
+            error = r.get("logits_rel_error_vs_dense")
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {', '.join(modes)} | "
+                         + ("–" if error is None else f"{error:.3g}") + " |")
+    lines += ["", "## The bar", ""] + [f"- {line}" for line in bar_lines(data)]
+    if data["notes"]:
+        lines += ["", "Notes:"] + [f"- {n}" for n in data["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def bar_lines(data: dict) -> list[str]:
+    sec = data["sections"]
+    out = []
+    rows = [r for r in sec.get("gemm", {}).get("rows", []) if r["backend"] != "dense"]
+    for label, pick, bar in (("GEMM M <= 16", lambda m: m <= 16, BARS["gemm_small_m"]),
+                             ("GEMM M >= 4096", lambda m: m >= 4096, BARS["gemm_large_m"])):
+        best = {}
+        for r in rows:
+            if pick(r["M"]):
+                key = (r["N"], r["K"], r["M"])
+                best[key] = max(best.get(key, 0.0), r["speedup"])
+        if best:
+            low = min(best.values())
+            out.append(f"{label}: best backend's speedup {low:.2f}x at the worst shape (bar {bar}x): "
+                       + ("met" if low >= bar else "missed"))
+    runs = sec.get("e2e", {}).get("runs", {})
+    if "dense" in runs:
+        dense = runs["dense"]
+        sparse = {k: v for k, v in runs.items() if k not in ("dense",) and "error" not in v}
+        for label, key, bar in (("decode b1", "decode_b1_tokens_per_s", BARS["decode"]),
+                                ("prefill", "prefill_tokens_per_s", BARS["prefill"])):
+            if sparse and key in dense:
+                name, r = max(sparse.items(), key=lambda kv: kv[1].get(key, 0))
+                ratio = r.get(key, 0) / dense[key]
+                out.append(f"{label}: {ratio:.2f}x dense with {name} (bar {bar}x): "
+                           + ("met" if ratio >= bar else "missed"))
+    pr = sec.get("prune", {}).get("runs", {})
+    for label, bar in (("sparsegpt 2:4", BARS["sparsegpt_s"]), ("wanda 50%", BARS["wanda_s"])):
+        if label in pr:
+            r = pr[label]
+            peak = r.get("peak_allocated_gb")
+            ok = r["extrapolated_full_s"] <= bar and (peak is None or peak <= BARS["peak_gb"])
+            out.append(f"{label}: ~{r['extrapolated_full_s']} s for the whole model (extrapolated; bar {bar:.0f} s), "
+                       f"peak {peak} GB (bar {BARS['peak_gb']:.0f} GB): " + ("met" if ok else "missed"))
+    return out or ["nothing measured"]
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="gpu-check", help="directory for gpu-check.json, gpu-check.md, tuning.json")
+    ap.add_argument("--budget", type=float, default=420.0, help="seconds to fit in (default 420: 7 minutes)")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, interpreted Triton (a harness check)")
+    ap.add_argument("--prune-layers", type=int, default=None, help="decoder layers of the pruned checkpoint "
+                    "(default 4 on a GPU; the whole-model time is extrapolated)")
+    ap.add_argument("--e2e-layers", type=int, default=None, help="decoder layers of the e2e model (default 32)")
+    ap.add_argument("--iters", type=int, default=30, help="timed runs per GEMM (median)")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: correctness, gemm, prune, e2e")
+    ap.add_argument("--work", default=None, help="scratch directory for the checkpoint (default: a temporary one)")
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU here; --dry-run checks the harness on CPU", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    dry = args.dry_run
+    res = Results(args.out, dry, args.budget)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+
+    def stop(signum, frame):  # a timeout's SIGTERM: keep what finished
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    work = args.work or tempfile.mkdtemp(prefix="oneshot-gpu-check-")
+    try:
+        res.run("environment", environment, device)
+        plan = [("correctness", correctness, (device, dry), 10),
+                ("gemm", gemm, (device, dry, 5 if dry else args.iters), 30),
+                ("prune", prune, (device, dry, args.prune_layers or (2 if dry else 4), work), 60),
+                ("e2e", e2e, (device, dry, args.e2e_layers or (2 if dry else 32)), 40)]
+        for name, fn, fn_args, needs in plan:
+            if name in skip:
+                res.data["sections"][name] = {"status": "skipped", "reason": "--skip"}
+                continue
+            res.run(name, fn, *fn_args, needs=0 if dry else needs)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    except KeyboardInterrupt:
+        res.note("interrupted: the sections above are what finished")
+        res.save()
+        print(markdown(res.data))
+        return 130
+    finally:
+        if args.work is None:
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+    res.save()
+    print(markdown(res.data))
+    failed = [n for n, r in res.data["sections"].items() if r.get("status") == "failed"]
+    corr = res.data["sections"].get("correctness", {})
+    return 1 if failed or corr.get("passed", 0) != corr.get("total", 0) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
