@@ -119,10 +119,16 @@ def _torch_sparse_ok(x, packed) -> bool:
     return _cuda_16bit(x, packed) and n % 32 == 0 and k % 64 == 0
 
 
+def _cutlass_ok(x, packed) -> bool:
+    """PyTorch's CUTLASS semi-structured kernels run on compute capability 8.x only (Ampere, Ada): on
+    Hopper (H100, H200) torch raises "Supported only on GPUs with compute capability 8.x"."""
+    return _torch_sparse_ok(x, packed) and torch.cuda.get_device_capability(x.device)[0] == 8
+
+
 BACKENDS = {
     "dense": (_dense, lambda x, p: True),
     "reference": (_reference, lambda x, p: True),
-    "cutlass": (_torch_sparse("cutlass"), _torch_sparse_ok),
+    "cutlass": (_torch_sparse("cutlass"), _cutlass_ok),
     "cusparselt": (_torch_sparse("cusparselt"), lambda x, p: _torch_sparse_ok(x, p) and _has_cusparselt()),
     "triton": (_triton, _triton_ok),
 }
