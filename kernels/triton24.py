@@ -74,19 +74,30 @@ def block_k_for(k: int) -> int | None:
     return None
 
 
+def tile_for(n: int, k: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) measured best on an H200 at M <= 16 for the Llama-3-8B shapes
+    (benchmarks/kernels/sweep.py): narrow N tiles (more programs) for N < 8192, wide K tiles for
+    the long rows."""
+    block_n = 64 if n >= 8192 else 32
+    block_k = 256 if k % 256 == 0 and (n >= 8192 or k >= 8192) else block_k_for(k)
+    return block_n, block_k
+
+
 def supports(x: torch.Tensor, values: torch.Tensor) -> bool:
     return HAVE_TRITON and block_k_for(2 * values.shape[1]) is not None and x.dtype == values.dtype
 
 
 def sparse24_linear(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None,
-                    block_m: int = 16, block_n: int = 64, block_k: int | None = None, num_warps: int = 4,
-                    num_stages: int = 3) -> torch.Tensor:
+                    block_m: int = 16, block_n: int | None = None, block_k: int | None = None, num_warps: int = 4,
+                    num_stages: int = 4) -> torch.Tensor:
     """x [..., K] · Wᵀ (+ bias) with W packed; the same dtype as x (fp32 accumulation)."""
     if not HAVE_TRITON:
         raise RuntimeError("the triton backend needs the triton package")
     n, half = values.shape
     k = 2 * half
-    block_k = block_k or block_k_for(k)
+    tile_n, tile_k = tile_for(n, k)
+    block_n = block_n or tile_n
+    block_k = block_k or tile_k
     if block_k is None or k % block_k:
         raise ValueError(f"K={k} is not a multiple of the K tile {block_k}")
     x2 = x.reshape(-1, k)
