@@ -105,7 +105,9 @@ def _cusparselt(x, packed, bias):
     algorithm is 1.25-1.58x at M >= 1024 (benchmarks/kernels/sweep.py)."""
     x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
-    pad = -m % 8  # cuSPARSELt refuses a dense operand of fewer than 8 rows (or not a multiple of 8)
+    # cuSPARSELt refuses a dense operand of 1 row, and its algorithm search fails inside the library
+    # at 8 rows (H200, cuSPARSELt 0.8): the operand is padded to a multiple of 16 rows
+    pad = -m % 16
     if pad:
         x2 = F.pad(x2, (0, 0, 0, pad))
     compressed = packed.cache.get("cslt")
