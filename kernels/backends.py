@@ -97,27 +97,31 @@ def _torch_sparse(backend):
     return run
 
 
+_CSLT_ALGS: dict = {}  # (N, K, dtype, M bucket) -> the algorithm cuSPARSELt's search found fastest
+
+
 def _cusparselt(x, packed, bias):
-    """cuSPARSELt through ``torch._cslt_sparse_mm`` on the compressed weight, with the algorithm that
-    ``torch._cslt_sparse_mm_search`` finds fastest for this shape (searched once per power-of-two M
-    bucket, cached on the weight). torch's own semi-structured ``F.linear`` path uses the default
-    algorithm and adds a pad and copies: on an H200 that is 0.3-0.9x dense where the searched
-    algorithm is 1.25-1.58x at M >= 1024 (benchmarks/kernels/sweep.py)."""
+    """cuSPARSELt. bfloat16: ``torch._cslt_sparse_mm`` on the compressed weight with the algorithm
+    ``torch._cslt_sparse_mm_search`` finds fastest, searched once per (shape, power-of-two M bucket)
+    for the whole process. torch's own semi-structured ``F.linear`` path uses the default algorithm:
+    on an H200 that kernel is 0.73-0.96x dense at M = 16384 where the searched one is 1.42-1.58x
+    (benchmarks/kernels/sweep.py). float16: torch's path, because the search fails inside cuSPARSELt
+    0.8 for float16 on the H200 ("internal error", and the CUDA context is lost with it)."""
+    if packed.dtype != torch.bfloat16:
+        return _torch_sparse("cusparselt")(x, packed, bias)
     x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
-    # cuSPARSELt refuses a dense operand of 1 row, and its algorithm search fails inside the library
-    # at 8 rows (H200, cuSPARSELt 0.8): the operand is padded to a multiple of 16 rows
-    pad = -m % 16
+    pad = -m % 16  # cuSPARSELt refuses a 1-row dense operand; 16 rows is what the search was run at
     if pad:
         x2 = F.pad(x2, (0, 0, 0, pad))
     compressed = packed.cache.get("cslt")
     if compressed is None:
         compressed = packed.cache["cslt"] = torch._cslt_compress(packed.dense())
-    bucket = ("cslt_alg", 1 << max(0, (m - 1).bit_length()))
-    if bucket not in packed.cache:
+    key = (*packed.shape, packed.dtype, 1 << max(0, (m + pad - 1).bit_length()))
+    if key not in _CSLT_ALGS:
         found = torch._cslt_sparse_mm_search(compressed, x2.t(), transpose_result=True)
-        packed.cache[bucket] = int(found[0] if isinstance(found, (tuple, list)) else found)
-    out = torch._cslt_sparse_mm(compressed, x2.t(), transpose_result=True, alg_id=packed.cache[bucket])
+        _CSLT_ALGS[key] = int(found[0] if isinstance(found, (tuple, list)) else found)
+    out = torch._cslt_sparse_mm(compressed, x2.t(), transpose_result=True, alg_id=_CSLT_ALGS[key])
     if pad:
         out = out[:m]
     if bias is not None:
@@ -188,22 +192,32 @@ def tuning_table() -> dict:
     return _TABLE
 
 
-def choose(x: torch.Tensor, packed: Packed24) -> str:
-    """``auto``: the measured fastest for this GPU and shape (the nearest tuned M at or above this
-    M), else: triton for M <= 64 and cuSPARSELt above on a GPU; dense on CPU."""
-    ok = available(x, packed)
-    m = x.numel() // x.shape[-1]
-    if x.is_cuda:
-        by_shape = tuning_table().get(torch.cuda.get_device_name(x.device), {}).get(str(packed.dtype).split(".")[-1],
-                                                                                    {})
-        tuned = by_shape.get(f"{packed.shape[0]}x{packed.shape[1]}", {})
-        for bucket in sorted(int(b) for b in tuned):
-            if m <= bucket and tuned[str(bucket)] in ok:
-                return tuned[str(bucket)]
-        for name in (("triton",) if m <= 64 else ()) + ("cusparselt", "cutlass"):
-            if name in ok:
-                return name
+def pick(by_shape: dict, shape: tuple[int, int], m: int, ok: list[str]) -> str:
+    """The backend for an [N, K] weight at M tokens from one GPU and dtype's tuning table
+    ({"NxK": {M: backend}}): the nearest tuned M at or above this M (above the largest, the
+    largest's); dense for a shape the table lacks when the table has others (on the one GPU
+    measured so far, dense wins most shapes); with no table, triton for M <= 64, else cuSPARSELt."""
+    tuned = by_shape.get(f"{shape[0]}x{shape[1]}", {})
+    buckets = sorted(int(b) for b in tuned)
+    for bucket in buckets:
+        if m <= bucket and tuned[str(bucket)] in ok:
+            return tuned[str(bucket)]
+    if buckets:
+        return tuned[str(buckets[-1])] if tuned[str(buckets[-1])] in ok else "dense"
+    if by_shape:
+        return "dense"
+    for name in (("triton",) if m <= 64 else ()) + ("cusparselt", "cutlass"):
+        if name in ok:
+            return name
     return "dense"
+
+
+def choose(x: torch.Tensor, packed: Packed24) -> str:
+    """``auto``: :func:`pick` with this GPU's tuning table for the weight's dtype; dense on CPU."""
+    if not x.is_cuda:
+        return "dense"
+    by_shape = tuning_table().get(torch.cuda.get_device_name(x.device), {}).get(str(packed.dtype).split(".")[-1], {})
+    return pick(by_shape, packed.shape, x.numel() // x.shape[-1], available(x, packed))
 
 
 def sparse_linear(x: torch.Tensor, packed: Packed24, bias: torch.Tensor | None = None,
