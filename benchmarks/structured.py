@@ -2,6 +2,7 @@
 
     python benchmarks/structured.py quality [--fractions 0.2,0.35] [--recipes ...]
     python benchmarks/structured.py speed DIR [DIR ...]
+    python benchmarks/structured.py compare DENSE_DIR DIR [DIR ...] [--rounds 7]   # interleaved
 
 ``quality``: for each fraction of the decoder blocks' parameters, each recipe runs as its own
 `oneshot prune` process (calibration 32 x 512 tokens of WikiText-2 validation), then perplexity on
@@ -63,11 +64,60 @@ def speed(directory: str, repeats: int = 5) -> dict:
     return result
 
 
-def quality(fractions: list[float], recipes: list[str], repeats: int) -> None:
+def compare(dirs: list[str], rounds: int, new_tokens: int = 64) -> list[dict]:
+    """CPU speed of several checkpoints measured in turn, round after round (the machine's speed
+    drifts by up to 1.5x between runs minutes apart, so a ratio is only fair within a round): per
+    round and model, prefill of 512 tokens at batch 1 and a greedy decode of ``new_tokens`` at batch
+    1 and 8; per model the median over rounds, and the median over rounds of each round's ratio to
+    the first checkpoint (the dense one)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    models = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for d in dirs]
+    vocab = models[0].config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, 512), generator=gen)
+    ids = {b: torch.randint(0, vocab, (b, 32), generator=gen) for b in (1, 8)}
+    keys = ("prefill_tokens_per_s", "decode_b1_tokens_per_s", "decode_b8_tokens_per_s")
+    samples = [{k: [] for k in keys} for _ in models]
+
+    def tokens_per_s(fn, tokens: int) -> float:
+        t = time.perf_counter()
+        fn()
+        return tokens / (time.perf_counter() - t)
+
+    with torch.no_grad():
+        for m in models:  # warm-up
+            m(input_ids=prompt, use_cache=False)
+            m.generate(ids[1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        for r in range(rounds):
+            for i, m in enumerate(models):
+                samples[i]["prefill_tokens_per_s"].append(tokens_per_s(lambda m=m: m(input_ids=prompt, use_cache=False),
+                                                                       512))
+                for b in (1, 8):
+                    samples[i][f"decode_b{b}_tokens_per_s"].append(tokens_per_s(
+                        lambda m=m, b=b: m.generate(ids[b], max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                                    do_sample=False, pad_token_id=0), b * new_tokens))
+            print(f"round {r + 1}/{rounds}: decode b1 " + ", ".join(f"{s['decode_b1_tokens_per_s'][-1]:.1f}"
+                                                                     for s in samples), flush=True)
+    rows = []
+    for d, m, smp in zip(dirs, models, samples):
+        row = {"dir": d, "parameters": sum(p.numel() for p in m.parameters()), "rounds": rounds,
+               "threads": torch.get_num_threads()}
+        for k in keys:
+            row[k] = statistics.median(smp[k])
+            row[k.replace("_tokens_per_s", "_vs_first")] = statistics.median(
+                a / b for a, b in zip(smp[k], samples[0][k]))
+        rows.append(row)
+    return rows
+
+
+def quality(fractions: list[float], recipes: list[str], repeats: int, keep: str | None = None) -> None:
     model = smollm2_bf16()
     rows = [{"recipe": "dense", "fraction": 0.0, "perplexity": ppl_of(model, 32, 1024), **speed(model, repeats)}]
     print(rows[-1], flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = keep or scratch
         for fraction in fractions:
             for recipe in recipes:
                 out = os.path.join(tmp, f"{recipe}-{fraction}".replace(",", "+"))
@@ -102,16 +152,36 @@ def main() -> None:
     q.add_argument("--recipes", default="blocks,channels,heads+channels",
                    help="comma list of recipes; '+' inside one: blocks, channels, heads+channels, channels+blocks")
     q.add_argument("--repeats", type=int, default=5)
+    q.add_argument("--keep", default=None, help="keep the pruned outputs in this directory")
+    c = sub.add_parser("compare", help="interleaved CPU speed of DENSE_DIR and pruned outputs, ratios per round")
+    c.add_argument("dirs", nargs="+")
+    c.add_argument("--rounds", type=int, default=7)
+    c.add_argument("--json-out", default=None)
     s = sub.add_parser("speed")
     s.add_argument("dirs", nargs="+")
     s.add_argument("--repeats", type=int, default=5)
     a = p.parse_args()
-    if a.command == "speed":
+    if a.command == "compare":
+        rows = compare(a.dirs, a.rounds)
+        print(machine())
+        print("| checkpoint | parameters | prefill tok/s | vs dense | decode b1 tok/s | vs dense | decode b8 tok/s | "
+              "vs dense |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            cells = [f"{r['prefill_tokens_per_s']:.0f}", f"{r['prefill_vs_first']:.2f}x",
+                     f"{r['decode_b1_tokens_per_s']:.1f}", f"{r['decode_b1_vs_first']:.2f}x",
+                     f"{r['decode_b8_tokens_per_s']:.1f}", f"{r['decode_b8_vs_first']:.2f}x"]
+            print(f"| {os.path.basename(r['dir'].rstrip('/'))} | {r['parameters'] / 1e6:.1f} M | " + " | ".join(cells)
+                  + " |")
+        if a.json_out:
+            with open(a.json_out, "w") as fh:
+                json.dump({"machine": machine(), "rows": rows}, fh, indent=1)
+    elif a.command == "speed":
         for d in a.dirs:
             print(d, speed(d, a.repeats))
     else:
         quality([float(f) for f in a.fractions.split(",")], [r.replace("+", ",") for r in a.recipes.split(",")],
-                a.repeats)
+                a.repeats, a.keep)
 
 
 if __name__ == "__main__":

@@ -290,6 +290,9 @@ PRESETS: dict[str, dict] = {
     "balanced": {"method": "sparsegpt"},
     "best": {"method": "sparsegpt", "update": "block", "block_epochs": 4, "block_lr": 1e-3, "block_batch": 2,
              "block_target": "model"},
+    # a smaller dense model: MLP channels removed by group OBS, 20% of the decoder blocks' parameters
+    # (the best structured recipe measured: benchmarks/RESULTS.md, issue 16)
+    "smaller": {"structure": "channels", "remove": 0.2},
 }
 
 

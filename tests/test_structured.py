@@ -119,6 +119,19 @@ def test_structure_then_two_four_on_what_remains(tiny_factory, calib_txt, tmp_pa
     assert main(["verify", str(out), "--quiet"]) == 0
 
 
+def test_the_smaller_preset_removes_mlp_channels(tiny_factory, calib_txt, tmp_path):
+    """``--preset smaller``: the best structured recipe measured (MLP channels, 20%); --remove overrides it."""
+    from oneshot.config import PruneConfig
+
+    cfg = PruneConfig.from_options("m", preset="smaller", remove=0.35)
+    assert (cfg.structure, cfg.remove, cfg.unstructured) == ("channels", 0.35, False)
+    out = tmp_path / "o"
+    assert _prune(tiny_factory("llama"), out, calib_txt, "--preset", "smaller") == 0
+    st = json.loads((out / "report.json").read_text())["structured"]
+    assert 0.1 < 1 - st["decoder_parameters_after"] / st["decoder_parameters_before"] < 0.3
+    assert all(layer["mlp"]["channels_after"] < layer["mlp"]["channels_before"] for layer in st["layers"])
+
+
 def test_removing_nothing_changes_nothing(tiny_factory, calib_txt, tmp_path):
     src = tiny_factory("llama")
     out = tmp_path / "o"
