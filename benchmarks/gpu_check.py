@@ -54,6 +54,7 @@ TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_k
 GEMM_SHAPES = [("q_proj,o_proj", 4096, 4096), ("k_proj,v_proj", 1024, 4096), ("gate_proj,up_proj", 14336, 4096),
                ("down_proj", 4096, 14336)]
 TINY_GEMM_SHAPES = [("q_proj,o_proj", 128, 128), ("gate_proj,up_proj", 256, 128), ("down_proj", 128, 256)]
+SECTIONS = ("correctness", "gemm", "prune", "e2e")
 TRITON_MAX_M = 256  # the Triton kernel is written for decode sizes; above this it is not a contender
 BARS = {"gemm_small_m": 1.5, "gemm_large_m": 1.4, "decode": 1.3, "prefill": 1.2, "sparsegpt_s": 120.0,
         "wanda_s": 30.0, "peak_gb": 16.0}
@@ -131,17 +132,6 @@ def environment(res: Results, record: dict, device) -> None:
     print(json.dumps(info), flush=True)
 
 
-def random_24(n: int, k: int, dtype, device, seed: int):
-    """A random [n, k] weight with exactly 2 of every 4 consecutive inputs kept."""
-    import torch
-
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    w = torch.randn(n, k, generator=g)
-    keep = torch.zeros(n, k // 4, 4, dtype=torch.bool)
-    keep.scatter_(-1, torch.rand(n, k // 4, 4, generator=g).argsort(-1)[..., :2], True)
-    return torch.where(keep.reshape(n, k), w, torch.zeros(())).to(dtype).to(device)
-
-
 TOLERANCE = {"float16": 2e-3, "bfloat16": 1.2e-2, "float32": 1e-4}  # relative Frobenius error of the output
 
 
@@ -149,6 +139,7 @@ def correctness(res: Results, record: dict, device, dry: bool) -> None:
     import torch
 
     from oneshot.kernels import BACKENDS, Packed24, available, choose, sparse_linear
+    from oneshot.kernels.bench import random_24
 
     shapes = [(1, 64, 64), (5, 96, 256), (16, 64, 128)] if dry else \
         [(1, 4096, 4096), (7, 1024, 4096), (16, 14336, 4096), (64, 4096, 14336), (256, 4096, 4096),
@@ -200,7 +191,7 @@ def gemm(res: Results, record: dict, device, dry: bool, iters: int) -> None:
     import torch
 
     from oneshot.kernels import BACKENDS
-    from oneshot.kernels.bench import Timer, gemm_case
+    from oneshot.kernels.bench import Timer, fastest_table, gemm_case
 
     shapes = TINY_GEMM_SHAPES if dry else GEMM_SHAPES
     sizes = (1, 16, 64) if dry else M_SIZES
@@ -238,7 +229,7 @@ def gemm(res: Results, record: dict, device, dry: bool, iters: int) -> None:
             res.save()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    tuning = tuning_table(rows)
+    tuning = fastest_table(rows)
     gpu = info.get("name", "cpu")
     record["tuning"] = {gpu: {"bfloat16": tuning}}
     with open(os.path.join(res.out, "tuning.json"), "w", encoding="utf-8") as fh:
@@ -247,20 +238,6 @@ def gemm(res: Results, record: dict, device, dry: bool, iters: int) -> None:
         from oneshot.kernels import backends
 
         backends._TABLE = record["tuning"]
-
-
-def tuning_table(rows: list[dict]) -> dict:
-    """{"NxK": {M: fastest backend, or dense when none beats it}} from the GEMM rows."""
-    table: dict = {}
-    for r in rows:
-        if r["backend"] == "dense":
-            continue
-        cell = table.setdefault(f"{r['N']}x{r['K']}", {})
-        key = str(r["M"])
-        if r["speedup"] > 1.0 and (key not in cell or r["speedup"] > cell[key][1]):
-            cell[key] = (r["backend"], r["speedup"])
-        cell.setdefault(key, ("dense", 1.0))
-    return {shape: {m: choice[0] for m, choice in cells.items()} for shape, cells in table.items()}
 
 
 def make_checkpoint(directory: str, dims: dict, layers: int) -> float:
@@ -583,6 +560,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", default="", help="comma list of sections to skip: correctness, gemm, prune, e2e")
     ap.add_argument("--work", default=None, help="scratch directory for the checkpoint (default: a temporary one)")
     args = ap.parse_args(argv)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if skip - set(SECTIONS):
+        print(f"gpu_check: --skip takes {', '.join(SECTIONS)}; got {', '.join(sorted(skip - set(SECTIONS)))}",
+              file=sys.stderr)
+        return 2
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
     import torch
@@ -593,7 +575,6 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.dry_run else "cuda")
     dry = args.dry_run
     res = Results(args.out, dry, args.budget)
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
 
     def stop(signum, frame):  # a timeout's SIGTERM: keep what finished
         raise KeyboardInterrupt

@@ -74,7 +74,10 @@ def main() -> None:
     ap.add_argument("--keep", default=None, help="keep the pruned checkpoints in this directory")
     ap.add_argument("--json-out", default=os.path.join(OUT, "peer_torchpruning.json"))
     args = ap.parse_args()
-    import torch_pruning
+    try:
+        import torch_pruning
+    except ImportError:
+        raise SystemExit("peer_torchpruning: needs the peer: pip install torch-pruning==1.6.1") from None
 
     dense_dir = smollm2_bf16()
     rows = []

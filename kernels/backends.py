@@ -116,7 +116,8 @@ def _cusparselt(x, packed, bias):
         x2 = F.pad(x2, (0, 0, 0, pad))
     compressed = packed.cache.get("cslt")
     if compressed is None:
-        compressed = packed.cache["cslt"] = torch._cslt_compress(packed.dense())
+        # from a temporary dense copy: caching it (packed.dense()) would hold the whole dense model too
+        compressed = packed.cache["cslt"] = torch._cslt_compress(decompress24(packed.values, packed.meta))
     key = (*packed.shape, packed.dtype, 1 << max(0, (m + pad - 1).bit_length()))
     if key not in _CSLT_ALGS:
         found = torch._cslt_sparse_mm_search(compressed, x2.t(), transpose_result=True)

@@ -134,14 +134,37 @@ def gemm_bytes(m: int, n: int, k: int, element: int, packed: bool) -> int:
     return weight + m * k * element + m * n * element
 
 
+def random_24(n: int, k: int, dtype: torch.dtype, device, seed: int = 0,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random [n, k] weight with exactly 2 of every 4 consecutive inputs kept (drawn on the CPU, so
+    the same on every device)."""
+    g = generator or torch.Generator(device="cpu").manual_seed(seed)
+    weight = torch.randn(n, k, generator=g)
+    keep = torch.zeros(n, k // 4, 4, dtype=torch.bool)
+    keep.scatter_(-1, torch.rand(n, k // 4, 4, generator=g).argsort(-1)[..., :2], True)
+    return torch.where(keep.reshape(n, k), weight, torch.zeros(())).to(dtype).to(device)
+
+
+def fastest_table(rows: list[dict]) -> dict:
+    """The tuning table ``auto`` reads, from :func:`gemm_case` rows: {"NxK": {M: the fastest backend,
+    or dense when none beats it}}."""
+    table: dict = {}
+    for r in rows:
+        if r["backend"] == "dense":
+            continue
+        cell = table.setdefault(f"{r['N']}x{r['K']}", {})
+        key = str(r["M"])
+        if r["speedup"] > 1.0 and (key not in cell or r["speedup"] > cell[key][1]):
+            cell[key] = (r["backend"], r["speedup"])
+        cell.setdefault(key, ("dense", 1.0))
+    return {shape: {m: choice[0] for m, choice in cells.items()} for shape, cells in table.items()}
+
+
 def gemm_case(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, timer: Timer,
               backends: list[str] | None = None, info: dict | None = None, seed: int = 0) -> list[dict]:
     """Dense ``F.linear`` and every available 2:4 backend on one random 2:4 weight [n, k] and x [m, k]."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    weight = torch.randn(n, k, generator=g).to(dtype)
-    keep = torch.zeros(n, k // 4, 4, dtype=torch.bool)
-    keep.scatter_(-1, torch.rand(n, k // 4, 4, generator=g).argsort(-1)[..., :2], True)
-    weight = torch.where(keep.reshape(n, k), weight, torch.zeros((), dtype=dtype)).to(device)
+    weight = random_24(n, k, dtype, device, generator=g)
     x = torch.randn(m, k, generator=g).to(dtype).to(device)
     packed = Packed24.from_dense(weight)
     names = [b for b in (backends or list(BACKENDS)) if b in available(x, packed) and b not in ("reference", "dense")]

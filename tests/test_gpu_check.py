@@ -94,15 +94,23 @@ def test_refuses_to_run_without_a_gpu(capsys, monkeypatch):
     assert "no CUDA GPU" in capsys.readouterr().err
 
 
+def test_an_unknown_section_is_one_line(capsys):
+    assert gpu_check.main(["--dry-run", "--out", "unused", "--skip", "gemm,kernels"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "gpu_check: --skip takes correctness, gemm, prune, e2e; got kernels"]
+
+
 def _row(n, k, m, backend, speedup):
     return {"N": n, "K": k, "M": m, "backend": backend, "speedup": speedup, "latency_us": 10.0 / speedup,
             "fraction_of_ideal": speedup / 2, "layers": "x"}
 
 
 def test_tuning_table_takes_the_fastest_or_dense():
+    from oneshot.kernels.bench import fastest_table
+
     rows = [_row(64, 128, 1, "dense", 1.0), _row(64, 128, 1, "triton", 1.3), _row(64, 128, 1, "cusparselt", 1.1),
             _row(64, 128, 4096, "dense", 1.0), _row(64, 128, 4096, "cusparselt", 0.8)]
-    assert gpu_check.tuning_table(rows) == {"64x128": {"1": "triton", "4096": "dense"}}
+    assert fastest_table(rows) == {"64x128": {"1": "triton", "4096": "dense"}}
 
 
 def test_auto_reads_the_table():

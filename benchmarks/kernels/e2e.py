@@ -17,11 +17,12 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 
 def main() -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from gpu_check import LLAMA3_8B, llama
 
     from oneshot.kernels import sparsify
     from oneshot.kernels.bench import Timer, device_info, end_to_end, set_backend, usable_backends
@@ -41,20 +42,9 @@ def main() -> None:
         raise SystemExit("needs a CUDA GPU (or --allow-cpu to check the harness)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     heads = max(1, args.hidden // 128)
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                         num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), vocab_size=128256,
-                         max_position_embeddings=8192, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for module in layer.modules():
-                if isinstance(module, torch.nn.Linear):
-                    w = module.weight
-                    groups = w.view(w.shape[0], -1, 4)
-                    drop = groups.abs().argsort(-1)[..., :2]
-                    groups.scatter_(-1, drop, 0)
+    dims = {**LLAMA3_8B, "hidden_size": args.hidden, "intermediate_size": args.intermediate,
+            "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 4), "head_dim": 128}
+    model = llama(dims, args.layers, device)  # every decoder linear 2:4 by magnitude, as gpu_check's
     info = device_info(device)
     timer = Timer(device, warmup=2, iters=args.iters)
     batches = tuple(int(b) for b in args.batches.split(","))

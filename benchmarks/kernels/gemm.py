@@ -24,7 +24,7 @@ def main() -> None:
     import torch
 
     from oneshot.kernels.backends import TUNING
-    from oneshot.kernels.bench import M_SIZES, SHAPES, Timer, device_info, gemm_case
+    from oneshot.kernels.bench import M_SIZES, SHAPES, Timer, device_info, fastest_table, gemm_case
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama3-8b,llama3-70b")
@@ -74,11 +74,8 @@ def main() -> None:
         except (OSError, ValueError):
             table = {}
         per_gpu = table.setdefault(info["name"], {}).setdefault(args.dtype, {})
-        for (_model, _layer, m), pair in best.items():
-            s = pair.get("sparse")
-            choice = s["backend"] if s and s["speedup"] > 1.0 else "dense"
-            n, k = (s or pair["dense"])["N"], (s or pair["dense"])["K"]
-            per_gpu.setdefault(f"{n}x{k}", {})[str(m)] = choice
+        for shape, cells in fastest_table(rows).items():  # the M measured now replace theirs; others stay
+            per_gpu.setdefault(shape, {}).update(cells)
         with open(TUNING, "w") as fh:
             json.dump(table, fh, indent=1, sort_keys=True)
         print(f"tuning table written: {TUNING}")

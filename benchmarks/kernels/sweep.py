@@ -24,7 +24,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 TILES = list(itertools.product((16, 32, 64), (128, 256), (4, 8), (3, 4)))  # BLOCK_N, BLOCK_K, warps, stages
@@ -40,10 +39,9 @@ def main() -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
     import torch.nn.functional as F
-    from gpu_check import random_24
 
     from oneshot.kernels import Packed24
-    from oneshot.kernels.bench import Timer, device_info
+    from oneshot.kernels.bench import Timer, device_info, random_24
     from oneshot.kernels.triton24 import sparse24_linear
 
     cuda = torch.cuda.is_available() and not args.dry_run
