@@ -336,39 +336,11 @@ def llama(dims: dict, layers: int, device):
     return model
 
 
-def decode_step_seconds(model, device, timer, batch: int, context: int, graph: bool) -> tuple[float, str]:
-    """Seconds of one decode step (one new token for each of ``batch`` sequences after ``context``
-    tokens) with a static KV cache; the step replayed as a CUDA graph when ``graph`` (else eager)."""
-    import torch
-    from transformers import StaticCache
-
-    vocab = model.config.vocab_size
-    g = torch.Generator(device="cpu").manual_seed(batch)
-    length = context + 64  # room for every step the timer runs, were the cache to count them itself
-    cache = StaticCache(config=model.config, max_cache_len=length)
-    prompt = torch.randint(vocab, (batch, context), generator=g).to(device)
-    with torch.no_grad():
-        model(input_ids=prompt, past_key_values=cache, use_cache=True,
-              cache_position=torch.arange(context, device=device))
-    step = torch.randint(vocab, (batch, 1), generator=g).to(device)
-    position = torch.tensor([context], device=device)
-    # an explicit 4-D mask (True: attend) keeps the step free of host-side mask logic, so it can be captured
-    mask = (torch.arange(length, device=device) <= context).view(1, 1, 1, length).expand(batch, 1, 1, length)
-
-    def run():
-        with torch.no_grad():
-            model(input_ids=step, past_key_values=cache, cache_position=position, attention_mask=mask,
-                  position_ids=position.view(1, 1).expand(batch, 1), use_cache=True)
-
-    seconds = timer(run, graph=graph)
-    return seconds, timer.mode
-
-
 def e2e(res: Results, record: dict, device, dry: bool, layers: int) -> None:
     import torch
 
     from oneshot.kernels import sparsify
-    from oneshot.kernels.bench import Timer, set_backend, usable_backends
+    from oneshot.kernels.bench import Timer, decode_step_seconds, set_backend, usable_backends
 
     dims = TINY if dry else LLAMA3_8B
     prompt_len, context, batches = (32, 16, (1, 2)) if dry else (2048, 512, (1, 8, 32))
@@ -396,7 +368,7 @@ def e2e(res: Results, record: dict, device, dry: bool, layers: int) -> None:
         else:
             reference["dense"] = logits
         for batch in batches:
-            seconds, mode = decode_step_seconds(model, device, timer, batch, context, graph=cuda)
+            seconds, mode = decode_step_seconds(model, device, timer, batch, context)
             run[f"decode_b{batch}_tokens_per_s"] = round(batch / seconds, 1)
             run[f"decode_b{batch}_mode"] = mode
         runs[name] = run

@@ -8,7 +8,7 @@ from .errors import OneshotError
 
 def run_bench(spec: str, device: str = "auto", dtype: str = "auto", m_sizes=None, backends=None,
               shapes: str = "model", e2e: bool = True, prompt_len: int = 512, batches=(1, 8, 32),
-              decode_steps: int = 32, warmup: int = 10, iters: int = 50) -> dict:
+              decode_context: int = 32, warmup: int = 10, iters: int = 50) -> dict:
     from .evaluate import load_for_eval
     from .kernels import BACKENDS, sparsify
     from .kernels.bench import (
@@ -47,12 +47,12 @@ def run_bench(spec: str, device: str = "auto", dtype: str = "auto", m_sizes=None
                 rows.append({"layer": layer, **row})
     result["gemm"] = rows
     if e2e:
-        runs = {"dense": end_to_end(model, dev, timer, prompt_len, batches, decode_steps)}
+        runs = {"dense": end_to_end(model, dev, timer, prompt_len, batches, decode_context)}
         replaced = sparsify(model, backend="dense")
         result["sparse_linears"] = len(replaced)
         for backend in [b for b in usable_backends(model) if not backends or b in backends] + ["auto"]:
             set_backend(model, backend)
-            runs[backend] = end_to_end(model, dev, timer, prompt_len, batches, decode_steps)
+            runs[backend] = end_to_end(model, dev, timer, prompt_len, batches, decode_context)
         result["end_to_end"] = runs
     return result
 
@@ -69,7 +69,7 @@ def format_bench(result: dict) -> str:
                      f"{r['latency_us']:>10.1f} "
                      f"{r['tflops']:>8.2f} {r['gbps']:>8.1f} {r['speedup']:>8.3f} {frac:>8}")
     for backend, run in result.get("end_to_end", {}).items():
-        decode = ", ".join(f"b{k.split('batch')[-1]} {v:.1f}" for k, v in run.items() if k.startswith("decode"))
+        decode = ", ".join(f"b{k.split('batch')[-1]} {v:.1f}" for k, v in run.items() if k.startswith("decode_tokens"))
         lines.append(f"end to end {backend:<10}: prefill {run['prefill_tokens_per_s']:.1f} tok/s, "
                      f"decode tok/s {decode}")
     return "\n".join(lines)

@@ -181,7 +181,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--no-e2e", action="store_true", help="GEMMs only")
     p.add_argument("--prompt-len", type=int, default=512, help="end to end: prefill length (default 512)")
     p.add_argument("--batches", default="1,8,32", help="end to end: decode batch sizes")
-    p.add_argument("--decode-steps", type=int, default=32, help="end to end: tokens decoded per measurement")
+    p.add_argument("--decode-context", type=int, default=32,
+                   help="end to end: tokens in the KV cache when a decode step is timed (default 32)")
     p.add_argument("--iters", type=int, default=50, help="timed runs per case (median reported)")
     _quiet_json(p, "print nothing but errors", "the results")
 
@@ -340,7 +341,7 @@ def _run_bench(args) -> int:
     result = run_bench(args.model, args.device, args.dtype, _ints(args.m, "--m"),
                        tuple(b for b in args.backends.split(",") if b) if args.backends else None,
                        args.shapes, not args.no_e2e, args.prompt_len, _ints(args.batches, "--batches"),
-                       args.decode_steps, warmup=max(1, args.iters // 5), iters=args.iters)
+                       args.decode_context, warmup=max(1, args.iters // 5), iters=args.iters)
     if args.json:
         _print_json(result)
     elif not args.quiet:

@@ -157,7 +157,7 @@ def test_oneshot_bench_cli(tiny_factory, calib_txt, tmp_path, capsys):
     main(["prune", tiny_factory("llama"), "--calib", calib_txt, "--nsamples", "4", "--seqlen", "32",
           "--out", str(out), "--pattern", "2:4", "--quiet"])
     capsys.readouterr()
-    assert main(["bench", str(out), "--m", "1,8", "--iters", "3", "--batches", "1", "--decode-steps", "2",
+    assert main(["bench", str(out), "--m", "1,8", "--iters", "3", "--batches", "1", "--decode-context", "4",
                  "--prompt-len", "16", "--backends", "reference", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert {r["M"] for r in result["gemm"]} == {1, 8}

@@ -1,7 +1,7 @@
 """End to end: a random-init model with Llama-3-8B shapes, every decoder linear 2:4, prefill (time to
 first token) and decode tokens/s at batch 1, 8, 32, dense against each kernels backend.
 
-    python benchmarks/kernels/e2e.py [--layers 32] [--prompt-len 2048] [--batches 1,8,32]
+    python benchmarks/kernels/e2e.py [--layers 32] [--prompt-len 2048] [--batches 1,8,32] [--decode-context 512]
 
 Random weights are fine for speed. The 2:4 mask is magnitude-chosen per group of 4 on the GPU (no
 calibration: quality is not the point here). --layers trims the depth for a quick look; the tokens/s
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=14336)
     ap.add_argument("--prompt-len", type=int, default=2048)
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--decode-context", type=int, default=512)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--allow-cpu", action="store_true", help="run on CPU with whatever sizes are given (harness check)")
     ap.add_argument("--json-out", default=os.path.join(ROOT, "benchmarks", "out", "e2e.json"))
@@ -48,12 +48,12 @@ def main() -> None:
     info = device_info(device)
     timer = Timer(device, warmup=2, iters=args.iters)
     batches = tuple(int(b) for b in args.batches.split(","))
-    runs = {"dense": end_to_end(model, device, timer, args.prompt_len, batches, args.decode_steps)}
+    runs = {"dense": end_to_end(model, device, timer, args.prompt_len, batches, args.decode_context)}
     print("dense", json.dumps(runs["dense"]), flush=True)
     sparsify(model, backend="dense")
     for backend in usable_backends(model) + ["auto"]:
         set_backend(model, backend)
-        runs[backend] = end_to_end(model, device, timer, args.prompt_len, batches, args.decode_steps)
+        runs[backend] = end_to_end(model, device, timer, args.prompt_len, batches, args.decode_context)
         print(backend, json.dumps(runs[backend]), flush=True)
     os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
     with open(args.json_out, "w") as fh:
