@@ -181,8 +181,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--no-e2e", action="store_true", help="GEMMs only")
     p.add_argument("--prompt-len", type=int, default=512, help="end to end: prefill length (default 512)")
     p.add_argument("--batches", default="1,8,32", help="end to end: decode batch sizes")
-    p.add_argument("--decode-context", type=int, default=32,
-                   help="end to end: tokens in the KV cache when a decode step is timed (default 32)")
+    p.add_argument("--decode-context", type=int, default=32, help="end to end: tokens cached before a decode step")
     p.add_argument("--iters", type=int, default=50, help="timed runs per case (median reported)")
     _quiet_json(p, "print nothing but errors", "the results")
 
