@@ -204,7 +204,8 @@ class Run:
         before = int(self.structure.get("parameters", 0))
         self.structured = prune_structure(self.model, self.calibration.input_ids, cfg.structures, cfg.remove,
                                           self.device, compute_dtype_for(self.model.dtype, self.device),
-                                          cfg.batch_size, cfg.dampening, self.progress, channel_alignment(cfg))
+                                          cfg.batch_size, cfg.dampening, self.progress, channel_alignment(cfg),
+                                          cfg.trust_remote_code)
         self.structure = inspect_structure(self.model.config, cfg.nm, cfg.ignore, cfg.trust_remote_code)
         self.structured["parameters_before"] = before
         self.structured["parameters_after"] = int(self.structure["parameters"])

@@ -203,17 +203,122 @@ def test_a_bf16_checkpoint_stays_bf16(tiny_factory, calib_txt, tmp_path):
         assert torch.isfinite(model(input_ids=torch.arange(16).unsqueeze(0)).logits).all()
 
 
-def test_mixture_of_experts_channels_are_refused_and_heads_work(tiny_factory, calib_txt, tmp_path, capsys):
-    """Experts' inner channels are not cut yet: one line before loading; their attention heads are."""
-    src = tiny_factory("qwen3_moe")
+def _layers(model):
+    from oneshot.model.structure import find_decoder_layers
+
+    return find_decoder_layers(model)[1]
+
+
+def _dead_unit_model(src, dest, zero):
+    """``src`` with ``zero(layer)`` applied to every decoder layer, saved to ``dest`` with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        for layer in _layers(model):
+            zero(layer)
+    model.save_pretrained(dest)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dest)
+    return model
+
+
+def _same_logits(dense, out):
+    from transformers import AutoModelForCausalLM
+
+    pruned = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, its config updated
+    ids = torch.arange(32).unsqueeze(0) % dense.config.vocab_size
+    with torch.no_grad():
+        a, b = pruned(input_ids=ids).logits, dense(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+    return pruned
+
+
+@pytest.mark.parametrize("arch", ["phi3", "opt", "gpt_neox", "gpt2", "qwen2", "gemma2",
+                                  "qwen3_moe", "mixtral", "gpt_oss", "qwen2_moe"])
+def test_dead_channels_go_first_in_every_mlp_layout(arch, tiny_factory, calib_txt, tmp_path):
+    """Fused gate/up (Phi-3), fc1/fc2 on the layer (OPT), GPT-NeoX, GPT-2's Conv1D, biases, and fused
+    experts (halves, interleaved and transposed in gpt-oss, with a shared expert in Qwen2-MoE, each
+    expert its own channels): 8 channels whose consumer columns are zero go, and nothing changes."""
+    from oneshot.structured.surgery import _matrix, channel_cost, expert_consumers, mlp_parts
+
+    src = tiny_factory(arch)
+    dead = {}
+
+    def zero(layer):
+        parts = mlp_parts(layer)
+        if parts.experts:  # a different set of channels in every expert
+            for e, (_name, matrix) in enumerate(sorted(expert_consumers(layer, parts).items(),
+                                                      key=lambda kv: kv[1].index)):
+                dead[e] = [(3 * e + 5 * k) % matrix.weight.shape[1] for k in range(8)]
+                matrix.weight[:, dead[e]] = 0.0
+        else:
+            dead[0] = [3, 7, 11, 19, 23, 42, 77, 100]
+            _matrix(dict(layer.named_modules())[parts.consumer])[:, dead[0]] = 0.0
+
+    dense = _dead_unit_model(src, tmp_path / "dead", zero)
+    layer = _layers(dense)[0]
+    fraction = 8 * channel_cost(layer, mlp_parts(layer)) / sum(p.numel() for p in layer.parameters())
+    out = tmp_path / "o"
+    assert _prune(str(tmp_path / "dead"), out, calib_txt, "--structure", "channels", "--remove", f"{fraction:.6f}") == 0
+    report = json.loads((out / "report.json").read_text())["structured"]
+    for entry in report["layers"]:
+        removed = entry["mlp"]["removed_channels"]
+        assert removed == ([sorted(dead[e]) for e in sorted(dead)] if "experts" in entry["mlp"] else dead[0])
+    pruned = _same_logits(dense, out)
+    assert sum(p.numel() for p in pruned.parameters()) == report["parameters_after"]
+    assert main(["verify", str(out), "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("arch", ["phi3", "qwen2", "gemma3"])
+def test_dead_heads_go_first_in_every_attention_layout(arch, tiny_factory, calib_txt, tmp_path):
+    """Phi-3's fused qkv_proj (its forward reads the head count from the config), Qwen2's q/k/v biases,
+    Gemma 3's separate head_dim and q/k norms: one query head of each key/value group whose output
+    columns are zero goes, and the logits stay."""
+    from oneshot.structured.surgery import _matrix, attention_parts, head_cost, head_counts
+
+    src = tiny_factory(arch)
+    heads, kv, head_dim = head_counts(__import__("transformers").AutoConfig.from_pretrained(src))
+    gone = [1, 2]  # groups {0, 1} and {2, 3}
+
+    def zero(layer):
+        o = _matrix(dict(layer.named_modules())[attention_parts(layer).o])
+        for h in gone:
+            o[:, h * head_dim:(h + 1) * head_dim] = 0.0
+
+    dense = _dead_unit_model(src, tmp_path / "dead", zero)
+    layer = _layers(dense)[0]
+    block = sum(p.numel() for p in layer.parameters())
+    fraction = 2 * head_cost(layer, attention_parts(layer), head_dim, False) / block
+    out = tmp_path / "o"
+    assert _prune(str(tmp_path / "dead"), out, calib_txt, "--structure", "heads", "--remove", f"{fraction:.6f}") == 0
+    report = json.loads((out / "report.json").read_text())["structured"]
+    assert all(e["attention"]["removed_heads"] == gone for e in report["layers"])
+    pruned = _same_logits(dense, out)
+    assert (pruned.config.num_attention_heads, pruned.config.num_key_value_heads) == (heads - 2, kv)
+
+
+@pytest.mark.parametrize("arch,structure,needle", [
+    ("opt", "heads", "derives the head size from hidden_size / heads"),
+    ("gpt2", "heads", "no q/k/v/o projections"),
+    ("deepseek_v3", "channels", "the decoder blocks differ in size"),
+])
+def test_layouts_that_cannot_be_cut_are_refused_in_one_line(arch, structure, needle, tiny_factory, calib_txt,
+                                                           tmp_path, capsys):
+    src = tiny_factory(arch)
     capsys.readouterr()
-    assert _prune(src, tmp_path / "a", calib_txt, "--structure", "channels", "--remove", "0.1") == 2
-    assert "--structure channels" in _one_line(capsys) and not (tmp_path / "a").exists()
+    assert _prune(src, tmp_path / "o", calib_txt, "--structure", structure, "--remove", "0.05") == 2
+    assert needle in _one_line(capsys) and not (tmp_path / "o").exists()
+
+
+def test_mixture_of_experts_heads_and_expert_channels(tiny_factory, calib_txt, tmp_path):
+    """Heads and every expert's channels in one run; the config's expert width follows."""
+    src = tiny_factory("qwen3_moe")
     out = tmp_path / "b"
-    assert _prune(src, out, calib_txt, "--structure", "heads", "--remove", "0.05") == 0
-    entries = json.loads((out / "report.json").read_text())["structured"]["layers"]
-    assert all(e["attention"]["heads_before"] == 4 and e["attention"]["heads_after"] == 2 for e in entries)
+    assert _prune(src, out, calib_txt, "--structure", "heads,channels", "--remove", "0.25") == 0
+    st = json.loads((out / "report.json").read_text())["structured"]
     model, after = _params(out)
-    assert model.config.num_attention_heads == 2
+    assert st["parameters_after"] == after
+    assert model.config.moe_intermediate_size == st["layers"][0]["mlp"]["channels_after"] < 32
+    assert model.config.intermediate_size == 128, "the dense width is not the experts'"
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.arange(16).unsqueeze(0)).logits).all()

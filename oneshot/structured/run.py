@@ -16,31 +16,54 @@ from .surgery import (
     WidthPlan,
     attention_parts,
     channel_cost,
+    channel_error,
     check_supported,
     cut_channels,
     cut_heads,
+    expert_consumers,
     head_cost,
     head_counts,
+    in_width,
     mlp_parts,
+    mlp_width,
+    out_width,
     per_group_choice,
 )
+from .surgery import _matrix as matrix
 
 
 def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(input_ids.split(max(1, batch_size or 8)))
 
 
-def _run_layer(layer, captured, i: int, device, dtype, replace: bool):
+def _run_layer(layer, captured, i: int, device, dtype, replace: bool, experts: dict | None = None):
     """Every captured batch through layer ``i``; yields (hidden in, hidden out). ``replace``: the
-    outputs become the next layer's inputs."""
+    outputs become the next layer's inputs. ``experts``: expert matrices whose hooks must see each
+    expert's own tokens (the experts run their per-expert loop)."""
+    import contextlib
+
     from ..engine.capture import layer_inputs
+    from ..model.experts import ExpertRouting
     from ..tensors import call_layer
 
-    for b, (_, hidden, args, kwargs) in enumerate(layer_inputs(captured, i, device, dtype)):
-        out = call_layer(layer, hidden, args, kwargs)
-        yield hidden, out
-        if replace:
-            captured.hidden[b] = out.to(captured.hidden[b].device, captured.hidden[b].dtype)
+    with ExpertRouting(layer, "", experts) if experts else contextlib.nullcontext():
+        for b, (_, hidden, args, kwargs) in enumerate(layer_inputs(captured, i, device, dtype)):
+            out = call_layer(layer, hidden, args, kwargs)
+            yield hidden, out
+            if replace:
+                captured.hidden[b] = out.to(captured.hidden[b].device, captured.hidden[b].dtype)
+
+
+def _hessians(layer, captured, i: int, device, dtype, consumers: dict) -> dict:
+    """Input Hessians of the ``consumers`` (name -> module) of layer ``i`` on its calibration inputs."""
+    from ..model.experts import ExpertMatrix
+
+    hooks = ConsumerHessians(consumers)
+    experts = {n: m for n, m in consumers.items() if isinstance(m, ExpertMatrix)}
+    for _ in _run_layer(layer, captured, i, device, dtype, replace=False, experts=experts):
+        pass
+    hooks.close()
+    return hooks.h
 
 
 def _on(i: int, layer: nn.Module, device, dtype) -> dict:
@@ -101,7 +124,7 @@ def plan_width(layer, mlp: MLPParts | None, attn: AttentionParts | None, budget:
     modules = dict(layer.named_modules())
     ccost = channel_cost(layer, mlp) if mlp else 0
     hcost = head_cost(layer, attn, head_dim, mha) if attn else 0
-    width = modules[mlp.consumer].in_features if mlp else 0
+    width = mlp_width(layer, mlp) if mlp else 0
     step = 1 if mha else kv  # query heads removed per unit of heads_per_group
     if mlp is None:  # heads alone: the count closest to the budget
         most = max_per_group * step * hcost
@@ -130,14 +153,13 @@ def plan_width(layer, mlp: MLPParts | None, attn: AttentionParts | None, budget:
         for option in tried:
             error = 0.0
             if option["heads_per_group"]:
-                o = modules[attn.o].weight.data.float()
+                o = matrix(modules[attn.o]).float()
                 count = option["heads_per_group"] * (1 if mha else kv)
                 error += remove_groups(o, hessians[attn.o], head_dim, count, dampening,
                                        steps=option["heads_per_group"],
                                        choose=None if mha else per_group_choice(heads // kv, kv)).error
             if option["channels"]:
-                down = modules[mlp.consumer].weight.data.float()
-                error += remove_groups(down, hessians[mlp.consumer], 1, option["channels"], dampening).error
+                error += channel_error(layer, mlp, hessians, option["channels"], dampening)
             option["error"] = error
         best = min(tried, key=lambda o: o["error"])
     elif hessians is None:  # checking the request only (no statistics yet)
@@ -150,7 +172,7 @@ def plan_width(layer, mlp: MLPParts | None, attn: AttentionParts | None, budget:
 @torch.no_grad()
 def prune_structure(model, input_ids: torch.Tensor, structures: set[str], remove: float, device: torch.device,
                     dtype: torch.dtype, batch_size: int = 0, dampening: float = 0.01, progress: bool = True,
-                    align: int = 1) -> dict:
+                    align: int = 1, trust_remote_code: bool = False) -> dict:
     """Remove ``remove`` of the decoder blocks' parameters as whole blocks, attention heads and MLP channels
     (``structures``); returns the report's ``structured`` entry. Blocks go first (by Block Influence on
     the dense model, with both kinds half the budget each); then, layer by layer on the calibration
@@ -185,6 +207,7 @@ def prune_structure(model, input_ids: torch.Tensor, structures: set[str], remove
                             "scores": [round(s, 6) for s in scores], "removed": drop}
     width = structures & {"heads", "channels"}
     if width and budget > 0:
+        keys = config_keys(model.config, structures, layers[0], align, trust_remote_code)
         per_layer = budget / len(layers)
         mlp = mlp_parts(layers[0]) if "channels" in width else None
         attn = attention_parts(layers[0]) if "heads" in width else None
@@ -194,22 +217,23 @@ def prune_structure(model, input_ids: torch.Tensor, structures: set[str], remove
         for i, layer in enumerate(layers):
             stored = _on(i, layer, device, dtype)
             modules = dict(layer.named_modules())
-            consumers = {n: modules[n] for n in ([mlp.consumer] if mlp else []) + ([attn.o] if attn else [])}
-            hooks = ConsumerHessians(consumers)
-            for _ in _run_layer(layer, captured, i, device, dtype, replace=False):
-                pass
-            hooks.close()
+            mlp_consumers = ({} if mlp is None else expert_consumers(layer, mlp) if mlp.experts
+                             else {mlp.consumer: modules[mlp.consumer]})
+            attn_consumers = {attn.o: modules[attn.o]} if attn else {}
+            hessians = _hessians(layer, captured, i, device, dtype, {**attn_consumers, **mlp_consumers})
             if plan is None:
-                plan, tried = plan_width(layer, mlp, attn, per_layer, heads, kv, head_dim, hooks.h, dampening, align)
+                plan, tried = plan_width(layer, mlp, attn, per_layer, heads, kv, head_dim, hessians, dampening, align)
                 report["width_plan"] = {"channels": plan.channels, "heads_per_group": plan.heads_per_group,
                                         "tried_on_layer_0": tried}
             entry = {"layer": i}
             if attn is not None and plan.heads_per_group:
-                entry["attention"] = cut_heads(layer, attn, hooks.h[attn.o], heads, kv, head_dim,
+                entry["attention"] = cut_heads(layer, attn, hessians[attn.o], heads, kv, head_dim,
                                                plan.heads_per_group, dampening)
+                if mlp is not None and plan.channels:  # the MLP's inputs as the cut attention makes them
+                    hessians = _hessians(layer, captured, i, device, dtype, mlp_consumers)
             if mlp is not None and plan.channels:
-                entry["mlp"] = cut_channels(layer, mlp, hooks.h[mlp.consumer], plan.channels, dampening)
-            del hooks
+                entry["mlp"] = cut_channels(layer, mlp, hessians, plan.channels, dampening)
+            del hessians
             for _ in _run_layer(layer, captured, i, device, dtype, replace=True):
                 pass
             _off(i, layer, device, stored)
@@ -221,7 +245,7 @@ def prune_structure(model, input_ids: torch.Tensor, structures: set[str], remove
         first = entries[0] if entries else {}
         for config in {id(c): c for c in (model.config, text)}.values():
             if "mlp" in first:
-                config.intermediate_size = first["mlp"]["channels_after"]
+                setattr(config, keys["mlp"], first["mlp"]["channels_after"])
             if "attention" in first:
                 config.num_attention_heads = first["attention"]["heads_after"]
                 config.num_key_value_heads = first["attention"]["kv_heads_after"]
@@ -239,6 +263,69 @@ def parse_structures(text: str) -> set[str]:
     if not parts or parts - set(STRUCTURES):
         raise OneshotError(f"--structure takes heads, channels, blocks or a comma list of them, got {text!r}")
     return parts
+
+
+MLP_WIDTH_KEYS = ("moe_intermediate_size", "intermediate_size", "ffn_dim", "n_inner")
+
+
+def _skeleton_layer(hf_config, changes: dict, trust_remote_code: bool = False):
+    """The first decoder layer of a meta-device model built from ``hf_config`` with ``changes`` to its
+    text config; None when transformers refuses that config."""
+    import copy
+
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from ..model.structure import find_decoder_layers
+
+    config = copy.deepcopy(hf_config)
+    for key, value in changes.items():
+        setattr(config.get_text_config(), key, value)
+    try:
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - an inconsistent config is the answer "cannot hold this"
+        return None
+    return find_decoder_layers(skeleton)[1][0]
+
+
+def config_keys(hf_config, structures: set[str], layer, align: int = 8, trust_remote_code: bool = False) -> dict:
+    """Which config entries hold the new sizes, proven on meta-device models built with smaller values:
+    ``mlp``, the key of the MLP width (``intermediate_size``, ``ffn_dim``, ``n_inner``,
+    ``moe_intermediate_size``), found when set a little smaller it makes the layer's MLP that much
+    narrower; heads, when a config with fewer heads and the same ``head_dim`` gives projections of that
+    size (OPT's and GPT-2's derive the head size from the hidden size instead: refused)."""
+    text = hf_config.get_text_config()
+    keys: dict = {}
+    if "channels" in structures:
+        mlp = mlp_parts(layer)
+        width = mlp_width(layer, mlp)
+        smaller = width - (align if width > align else 1)
+        for key in MLP_WIDTH_KEYS:
+            value = getattr(text, key, None)
+            if value != width and not (key == "n_inner" and value is None and width == 4 * text.hidden_size):
+                continue
+            probe = _skeleton_layer(hf_config, {key: smaller}, trust_remote_code)
+            parts = mlp_parts(probe) if probe is not None else None
+            if parts is not None and mlp_width(probe, parts) == smaller:
+                keys["mlp"] = key
+                break
+        if "mlp" not in keys:
+            raise OneshotError(f"--structure channels: no entry of {type(text).__name__} sets the MLP width "
+                               f"({width}) of {type(layer).__name__}, so a narrower checkpoint would not load")
+    if "heads" in structures:
+        heads, kv, head_dim = head_counts(text)
+        new_heads = heads - (1 if heads == kv else kv)
+        new_kv = new_heads if heads == kv else kv
+        probe = _skeleton_layer(hf_config, {"num_attention_heads": new_heads, "num_key_value_heads": new_kv,
+                                            "head_dim": head_dim}, trust_remote_code)
+        parts = attention_parts(probe) if probe is not None else None
+        modules = dict(probe.named_modules()) if parts is not None else {}
+        q_rows = (new_heads + 2 * new_kv) * head_dim if parts is not None and parts.fused else new_heads * head_dim
+        if parts is None or out_width(modules[parts.q]) != q_rows or in_width(modules[parts.o]) != new_heads * head_dim:
+            raise OneshotError(f"--structure heads: {type(text).__name__} derives the head size from hidden_size / "
+                               "heads, so a checkpoint with fewer heads would not load; use channels or blocks")
+    return keys
 
 
 def check_request(hf_config, structures: set[str], remove: float, trust_remote_code: bool = False,
@@ -274,6 +361,7 @@ def check_request(hf_config, structures: set[str], remove: float, trust_remote_c
     if width and budget > 0:
         heads, kv, head_dim = head_counts(text)
         layer = layers[0]
+        config_keys(hf_config, width, layer, align, trust_remote_code)
         plan_width(layer, mlp_parts(layer) if "channels" in width else None,
                    attention_parts(layer) if "heads" in width else None,
                    budget / (len(layers) - blocks), heads, kv, head_dim, None, 0.01, align)
