@@ -115,8 +115,6 @@ def _prepare(cfg: PruneConfig, started: float, progress: bool) -> Run:
         check_safetensors(source.path)
     group, device_name = setup_distributed(cfg.device)
     check_distributed(cfg, group)
-    if cfg.structure and group is not None:
-        raise OneshotError("--structure runs in one process for now (not under torchrun)")
     device = resolve_device(device_name)
     streaming, streaming_why = streaming_plan(cfg.load, source, cfg.out, calib_kind)
     if streaming and cfg.structure:

@@ -196,8 +196,6 @@ class PruneConfig:
                 raise OneshotError(f"--remove must be a fraction strictly between 0 and 1, got {self.remove}")
             if self.load == "stream":
                 raise OneshotError("--structure needs the whole model in memory for now: use --load full (or auto)")
-            if self.resume:
-                raise OneshotError("--structure cannot --resume yet: the removal changes every layer's shape")
             if self.remove_experts is not None:
                 raise OneshotError("--structure and --remove-experts cannot be combined yet")
         if self.block_target not in ("layer", "model"):

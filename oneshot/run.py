@@ -130,11 +130,8 @@ class Run:
             self.model, self.io = load_model(self.source, cfg.dtype, cfg.trust_remote_code), LayerIO()
         if self.resume is not None:  # experts the partial run removed: the finished layers' shapes
             replay_removals(self.model, self.resume.get("experts_removed") or [])
-        if self.streamed is None and self.resume is not None:  # layers the partial run finished, as it wrote them
-            path, layers = find_decoder_layers(self.model)
-            for i in range(self.resume["finished"]):
-                prefix = f"{path}.{i}."
-                layers[i].load_state_dict({k[len(prefix):]: v for k, v in self.journal.layer(i).items()})
+        if not cfg.structure:  # with --structure, once the removal has given the layers their shapes
+            self._load_finished()
         self.phases["load"] = time.perf_counter() - t
         if self.calibration is None:
             t = time.perf_counter()
@@ -142,6 +139,27 @@ class Run:
                                                     cfg.seqlen, cfg.seed, self.device)
             self.model.to("cpu")
             self.phases["generate_calibration"] = time.perf_counter() - t
+
+    def _load_finished(self) -> None:
+        """Layers the partial run finished, as it wrote them (in-memory runs; streamed ones read shards)."""
+        if self.streamed is None and self.resume is not None:
+            path, layers = find_decoder_layers(self.model)
+            for i in range(self.resume["finished"]):
+                prefix = f"{path}.{i}."
+                layers[i].load_state_dict({k[len(prefix):]: v for k, v in self.journal.layer(i).items()})
+
+    def _check_same_removal(self) -> None:
+        """A resumed ``--structure`` run redoes the removal (it is a function of the model and the
+        calibration tokens) and must remove what the partial run removed: its finished layers have
+        those shapes and compensations. The journal keeps what went; a difference is refused."""
+        from .structured import removal_signature
+
+        signature = removal_signature(self.structured)
+        if self.resume is None:
+            self.journal.state["structured"] = signature
+        elif self.journal.state.get("structured") != signature:
+            raise OneshotError("--resume: redoing --structure removed other heads, channels or blocks than the "
+                               "partial run did; rerun without --resume to start over")
 
     def prune(self, tmp: str | None = None) -> None:
         cfg = self.cfg
@@ -153,6 +171,9 @@ class Run:
         self.layers_path, self.layers = find_decoder_layers(self.model)
         if self.journal is not None and self.resume is None:
             self.journal.start(self.fp, self.calibration.input_ids, self.calibration.info)
+        if cfg.structure and self.journal is not None:
+            self._check_same_removal()
+            self._load_finished()
         if tmp is not None and self.streamed is not None:
             self.writer = ShardWriter(tmp, cfg.format, self.structure["num_layers"], self.model)
         torch.manual_seed(cfg.seed)
@@ -202,10 +223,13 @@ class Run:
         for i, layer in enumerate(layers):
             check_finite_weights(layer, f"{path}.{i}")
         before = int(self.structure.get("parameters", 0))
-        self.structured = prune_structure(self.model, self.calibration.input_ids, cfg.structures, cfg.remove,
+        input_ids = self.calibration.input_ids
+        if self.group is not None:  # this rank's windows; the statistics are summed over the ranks
+            input_ids = input_ids[slice(*self.group.windows(input_ids.shape[0]))]
+        self.structured = prune_structure(self.model, input_ids, cfg.structures, cfg.remove,
                                           self.device, compute_dtype_for(self.model.dtype, self.device),
                                           cfg.batch_size, cfg.dampening, self.progress, channel_alignment(cfg),
-                                          cfg.trust_remote_code)
+                                          cfg.trust_remote_code, self.group)
         self.structure = inspect_structure(self.model.config, cfg.nm, cfg.ignore, cfg.trust_remote_code)
         self.structured["parameters_before"] = before
         self.structured["parameters_after"] = int(self.structure["parameters"])

@@ -322,3 +322,86 @@ def test_mixture_of_experts_heads_and_expert_channels(tiny_factory, calib_txt, t
     assert model.config.intermediate_size == 128, "the dense width is not the experts'"
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.arange(16).unsqueeze(0)).logits).all()
+
+
+def _fail_after_first_layer(monkeypatch):
+    import oneshot.run as run_module
+    from oneshot.errors import OneshotError
+
+    original = run_module.Run._layer_done
+
+    def fail_after_first(self, i, layer, state):
+        original(self, i, layer, state)
+        if i == 0:
+            raise OneshotError("injected failure after layer 0")
+
+    monkeypatch.setattr(run_module.Run, "_layer_done", fail_after_first)
+    return OneshotError
+
+
+def test_resume_redoes_the_removal_and_finishes_byte_identical(tiny_factory, calib_txt, tmp_path, monkeypatch):
+    """Blocks, heads and channels removed, then 2:4 on what remains; killed after the first pruned layer
+    is journaled: ``--resume`` redoes the removal (the same units go), loads the finished layer and
+    writes the bytes of a run that was never stopped. A journal whose removal differs is refused."""
+    from safetensors.torch import load_file
+
+    from oneshot import prune
+    from tiny import make_sharded_llama
+
+    src = make_sharded_llama(str(tmp_path / "src"), layers=6)  # sharded bf16
+    options = dict(method="sparsegpt", pattern="2:4", structure="heads,channels,blocks", remove=0.4, calib=calib_txt,
+                   nsamples=4, seqlen=32, progress=False, journal_interval=0)
+    prune(src, str(tmp_path / "ref"), **options)
+    error = _fail_after_first_layer(monkeypatch)
+    with pytest.raises(error, match="injected"):
+        prune(src, str(tmp_path / "out"), **options)
+    monkeypatch.undo()
+    partial = next(p for p in tmp_path.iterdir() if p.name.startswith(".out") or "partial" in p.name)
+    state_path = partial / ".oneshot-journal" / "state.json"
+    state = json.loads(state_path.read_text())
+    assert state["finished"] == 1 and state["structured"]["blocks"]
+    result = prune(src, str(tmp_path / "out"), resume=True, **options)
+    assert result.report["resumed_at_layer"] == 1
+    a, b = ({k: v for f in sorted((tmp_path / d).glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+            for d in ("ref", "out"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    with pytest.raises(error, match="injected"):  # again, and the journal made to say other channels went
+        _fail_after_first_layer(monkeypatch)
+        prune(src, str(tmp_path / "other"), **options)
+    monkeypatch.undo()
+    partial = next(p for p in tmp_path.iterdir() if "other" in p.name and p.name != "other")
+    state_path = partial / ".oneshot-journal" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["structured"]["layers"][0][1] = state["structured"]["layers"][0][1][::-1][:-1] + [0]
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(error, match="removed other heads, channels or blocks than the partial run"):
+        prune(src, str(tmp_path / "other"), resume=True, **options)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_remove_what_one_process_removes(tiny_factory, calib_txt, tmp_path):
+    """torchrun with 2 CPU processes: Block Influence and the consumers' Hessians summed over the ranks'
+    windows, so both ranks remove the same blocks, heads and channels as one process, with the same
+    compensation up to the order of the sums."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from oneshot.structured import removal_signature
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    args = [tiny_factory("llama"), "--calib", calib_txt, "--nsamples", "8", "--seqlen", "32", "--quiet",
+            "--structure", "heads,channels,blocks", "--remove", "0.4"]
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "oneshot", "prune", *args, "--out", two], check=True, env=env, timeout=600)
+    subprocess.run([sys.executable, "-m", "oneshot", "prune", *args, "--out", one], check=True, env=env, timeout=600)
+    ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    assert rb["distributed"]["world_size"] == 2
+    assert removal_signature(ra["structured"]) == removal_signature(rb["structured"])
+    a, b = load_file(os.path.join(one, "model.safetensors")), load_file(os.path.join(two, "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-4) for k in a)

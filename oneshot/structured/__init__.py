@@ -13,7 +13,15 @@ after each step, so every choice sees the compensation of the ones before it.
 """
 
 from .obs import GroupRemoval, group_errors, inverse_hessian, remove_groups
-from .run import STRUCTURES, block_influence, channel_alignment, check_request, parse_structures, prune_structure
+from .run import (
+                  STRUCTURES,
+                  block_influence,
+                  channel_alignment,
+                  check_request,
+                  parse_structures,
+                  prune_structure,
+                  removal_signature,
+)
 
 __all__ = ["STRUCTURES", "GroupRemoval", "block_influence", "channel_alignment", "check_request", "group_errors",
-           "inverse_hessian", "parse_structures", "prune_structure", "remove_groups"]
+           "inverse_hessian", "parse_structures", "prune_structure", "removal_signature", "remove_groups"]

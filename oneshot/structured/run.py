@@ -54,8 +54,9 @@ def _run_layer(layer, captured, i: int, device, dtype, replace: bool, experts: d
                 captured.hidden[b] = out.to(captured.hidden[b].device, captured.hidden[b].dtype)
 
 
-def _hessians(layer, captured, i: int, device, dtype, consumers: dict) -> dict:
-    """Input Hessians of the ``consumers`` (name -> module) of layer ``i`` on its calibration inputs."""
+def _hessians(layer, captured, i: int, device, dtype, consumers: dict, group=None) -> dict:
+    """Input Hessians of the ``consumers`` (name -> module) of layer ``i`` on its calibration inputs
+    (under torchrun: summed over the ranks' windows, so every rank removes the same units)."""
     from ..model.experts import ExpertMatrix
 
     hooks = ConsumerHessians(consumers)
@@ -63,6 +64,13 @@ def _hessians(layer, captured, i: int, device, dtype, consumers: dict) -> dict:
     for _ in _run_layer(layer, captured, i, device, dtype, replace=False, experts=experts):
         pass
     hooks.close()
+    if group is not None:
+        for name in sorted(consumers):  # every rank the same tensors in the same order
+            h = hooks.h.get(name)
+            if h is None:  # an expert no token of this rank reached
+                width = consumers[name].weight.shape[1]
+                h = hooks.h[name] = torch.zeros(width, width, dtype=torch.float32, device=device)
+            group.all_reduce(h)
     return hooks.h
 
 
@@ -77,9 +85,9 @@ def _off(i: int, layer: nn.Module, device, stored: dict) -> None:
 
 
 @torch.no_grad()
-def block_influence(model, layers: nn.ModuleList, batches, device, dtype) -> list[float]:
+def block_influence(model, layers: nn.ModuleList, batches, device, dtype, group=None) -> list[float]:
     """ShortGPT's Block Influence of every decoder block on the dense model: 1 − mean over calibration
-    tokens of cos(block input, block output)."""
+    tokens of cos(block input, block output) (under torchrun, over every rank's tokens)."""
     from ..engine.capture import capture_inputs
 
     captured = capture_inputs(model, layers, batches, device, torch.device("cpu"))
@@ -92,6 +100,10 @@ def block_influence(model, layers: nn.ModuleList, batches, device, dtype) -> lis
             total += float(cos.sum())
             count += cos.numel()
         _off(i, layer, device, stored)
+        if group is not None:
+            sums = torch.tensor([total, float(count)], dtype=torch.float64)
+            group.all_reduce(sums)
+            total, count = float(sums[0]), int(sums[1])
         scores.append(1.0 - total / max(count, 1))
     model.to("cpu")
     return scores
@@ -172,7 +184,7 @@ def plan_width(layer, mlp: MLPParts | None, attn: AttentionParts | None, budget:
 @torch.no_grad()
 def prune_structure(model, input_ids: torch.Tensor, structures: set[str], remove: float, device: torch.device,
                     dtype: torch.dtype, batch_size: int = 0, dampening: float = 0.01, progress: bool = True,
-                    align: int = 1, trust_remote_code: bool = False) -> dict:
+                    align: int = 1, trust_remote_code: bool = False, group=None) -> dict:
     """Remove ``remove`` of the decoder blocks' parameters as whole blocks, attention heads and MLP channels
     (``structures``); returns the report's ``structured`` entry. Blocks go first (by Block Influence on
     the dense model, with both kinds half the budget each); then, layer by layer on the calibration
@@ -197,7 +209,7 @@ def prune_structure(model, input_ids: torch.Tensor, structures: set[str], remove
         if count >= len(layers):
             raise OneshotError(f"--remove {remove}: that is {count} of the {len(layers)} decoder blocks; "
                                "keep at least one")
-        scores = block_influence(model, layers, batches, device, dtype)
+        scores = block_influence(model, layers, batches, device, dtype, group)
         drop = sorted(sorted(range(len(layers)), key=lambda i: scores[i])[:count])
         removed = sum(p.numel() for i in drop for p in layers[i].parameters())
         drop_blocks(model, path, layers, drop)
@@ -220,7 +232,7 @@ def prune_structure(model, input_ids: torch.Tensor, structures: set[str], remove
             mlp_consumers = ({} if mlp is None else expert_consumers(layer, mlp) if mlp.experts
                              else {mlp.consumer: modules[mlp.consumer]})
             attn_consumers = {attn.o: modules[attn.o]} if attn else {}
-            hessians = _hessians(layer, captured, i, device, dtype, {**attn_consumers, **mlp_consumers})
+            hessians = _hessians(layer, captured, i, device, dtype, {**attn_consumers, **mlp_consumers}, group)
             if plan is None:
                 plan, tried = plan_width(layer, mlp, attn, per_layer, heads, kv, head_dim, hessians, dampening, align)
                 report["width_plan"] = {"channels": plan.channels, "heads_per_group": plan.heads_per_group,
@@ -230,7 +242,7 @@ def prune_structure(model, input_ids: torch.Tensor, structures: set[str], remove
                 entry["attention"] = cut_heads(layer, attn, hessians[attn.o], heads, kv, head_dim,
                                                plan.heads_per_group, dampening)
                 if mlp is not None and plan.channels:  # the MLP's inputs as the cut attention makes them
-                    hessians = _hessians(layer, captured, i, device, dtype, mlp_consumers)
+                    hessians = _hessians(layer, captured, i, device, dtype, mlp_consumers, group)
             if mlp is not None and plan.channels:
                 entry["mlp"] = cut_channels(layer, mlp, hessians, plan.channels, dampening)
             del hessians
@@ -256,6 +268,13 @@ def prune_structure(model, input_ids: torch.Tensor, structures: set[str], remove
 
 
 STRUCTURES = ("heads", "channels", "blocks")
+
+
+def removal_signature(report: dict) -> dict:
+    """What a structured run removed (blocks, and per layer heads and channels), for the journal."""
+    return {"blocks": (report.get("blocks") or {}).get("removed", []),
+            "layers": [[e.get("attention", {}).get("removed_heads"), e.get("mlp", {}).get("removed_channels")]
+                       for e in report.get("layers", [])]}
 
 
 def parse_structures(text: str) -> set[str]:
