@@ -239,7 +239,7 @@ def test_dead_channels_go_first_in_every_mlp_layout(arch, tiny_factory, calib_tx
     """Fused gate/up (Phi-3), fc1/fc2 on the layer (OPT), GPT-NeoX, GPT-2's Conv1D, biases, and fused
     experts (halves, interleaved and transposed in gpt-oss, with a shared expert in Qwen2-MoE, each
     expert its own channels): 8 channels whose consumer columns are zero go, and nothing changes."""
-    from oneshot.structured.surgery import _matrix, channel_cost, expert_consumers, mlp_parts
+    from oneshot.structured.surgery import channel_cost, expert_consumers, mlp_parts, weight_matrix
 
     src = tiny_factory(arch)
     dead = {}
@@ -253,7 +253,7 @@ def test_dead_channels_go_first_in_every_mlp_layout(arch, tiny_factory, calib_tx
                 matrix.weight[:, dead[e]] = 0.0
         else:
             dead[0] = [3, 7, 11, 19, 23, 42, 77, 100]
-            _matrix(dict(layer.named_modules())[parts.consumer])[:, dead[0]] = 0.0
+            weight_matrix(dict(layer.named_modules())[parts.consumer])[:, dead[0]] = 0.0
 
     dense = _dead_unit_model(src, tmp_path / "dead", zero)
     layer = _layers(dense)[0]
@@ -274,14 +274,14 @@ def test_dead_heads_go_first_in_every_attention_layout(arch, tiny_factory, calib
     """Phi-3's fused qkv_proj (its forward reads the head count from the config), Qwen2's q/k/v biases,
     Gemma 3's separate head_dim and q/k norms: one query head of each key/value group whose output
     columns are zero goes, and the logits stay."""
-    from oneshot.structured.surgery import _matrix, attention_parts, head_cost, head_counts
+    from oneshot.structured.surgery import attention_parts, head_cost, head_counts, weight_matrix
 
     src = tiny_factory(arch)
     heads, kv, head_dim = head_counts(__import__("transformers").AutoConfig.from_pretrained(src))
     gone = [1, 2]  # groups {0, 1} and {2, 3}
 
     def zero(layer):
-        o = _matrix(dict(layer.named_modules())[attention_parts(layer).o])
+        o = weight_matrix(dict(layer.named_modules())[attention_parts(layer).o])
         for h in gone:
             o[:, h * head_dim:(h + 1) * head_dim] = 0.0
 

@@ -28,8 +28,8 @@ from .surgery import (
     mlp_width,
     out_width,
     per_group_choice,
+    weight_matrix,
 )
-from .surgery import _matrix as matrix
 
 
 def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -165,7 +165,7 @@ def plan_width(layer, mlp: MLPParts | None, attn: AttentionParts | None, budget:
         for option in tried:
             error = 0.0
             if option["heads_per_group"]:
-                o = matrix(modules[attn.o]).float()
+                o = weight_matrix(modules[attn.o]).float()
                 count = option["heads_per_group"] * (1 if mha else kv)
                 error += remove_groups(o, hessians[attn.o], head_dim, count, dampening,
                                        steps=option["heads_per_group"],

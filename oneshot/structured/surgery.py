@@ -12,7 +12,7 @@ from ..errors import OneshotError
 from .obs import remove_groups
 
 
-def _matrix(module: nn.Module) -> torch.Tensor:
+def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The weight as [out, in] (a view: GPT-2's Conv1D stores [in, out])."""
     return module.weight.data if isinstance(module, nn.Linear) else module.weight.data.t()
 
@@ -31,23 +31,23 @@ def _set_matrix(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | No
 
 def keep_rows(linear: nn.Module, rows: torch.Tensor) -> None:
     """Keep these output rows (and bias entries) of ``linear``."""
-    w = _matrix(linear)
+    w = weight_matrix(linear)
     rows = rows.to(w.device)
     _set_matrix(linear, w[rows], linear.bias.data[rows] if linear.bias is not None else None)
 
 
 def set_columns(linear: nn.Module, weight: torch.Tensor, columns: torch.Tensor) -> None:
     """``linear`` reads only these input columns, with the (compensated) ``weight`` [d_out, n] given."""
-    w = _matrix(linear)
+    w = weight_matrix(linear)
     _set_matrix(linear, weight[:, columns.to(weight.device)].to(w.dtype).to(w.device), None)
 
 
 def in_width(linear: nn.Module) -> int:
-    return _matrix(linear).shape[1]
+    return weight_matrix(linear).shape[1]
 
 
 def out_width(linear: nn.Module) -> int:
-    return _matrix(linear).shape[0]
+    return weight_matrix(linear).shape[0]
 
 
 @dataclass
@@ -238,7 +238,7 @@ def cut_channels(layer: nn.Module, parts: MLPParts, hessians: dict, count: int, 
     modules = dict(layer.named_modules())
     consumer = modules[parts.consumer]
     width = in_width(consumer)
-    result = remove_groups(_matrix(consumer).float(), hessians[parts.consumer], 1, count, dampening)
+    result = remove_groups(weight_matrix(consumer).float(), hessians[parts.consumer], 1, count, dampening)
     kept = torch.tensor(sorted(set(range(width)) - set(result.removed)), dtype=torch.long)
     for name in parts.producers:
         keep_rows(modules[name], parts.rows(kept, width))
@@ -251,7 +251,7 @@ def channel_error(layer: nn.Module, parts: MLPParts, hessians: dict, count: int,
     """The OBS output error of removing ``count`` channels (of every expert), without cutting."""
     if not parts.experts:
         consumer = dict(layer.named_modules())[parts.consumer]
-        return remove_groups(_matrix(consumer).float(), hessians[parts.consumer], 1, count, dampening).error
+        return remove_groups(weight_matrix(consumer).float(), hessians[parts.consumer], 1, count, dampening).error
     total = 0.0
     for name, matrix in expert_consumers(layer, parts).items():
         w = matrix.weight.float()
@@ -323,9 +323,9 @@ def cut_heads(layer: nn.Module, parts: AttentionParts, hessian: torch.Tensor, he
     o = modules[parts.o]
     mha = heads == kv
     if mha:
-        result = remove_groups(_matrix(o).float(), hessian, head_dim, per_group, dampening)
+        result = remove_groups(weight_matrix(o).float(), hessian, head_dim, per_group, dampening)
     else:
-        result = remove_groups(_matrix(o).float(), hessian, head_dim, per_group * kv, dampening,
+        result = remove_groups(weight_matrix(o).float(), hessian, head_dim, per_group * kv, dampening,
                                steps=per_group, choose=per_group_choice(heads // kv, kv))
     kept_heads = sorted(set(range(heads)) - set(result.removed))
     rows = torch.tensor([h * head_dim + d for h in kept_heads for d in range(head_dim)], dtype=torch.long)
