@@ -117,8 +117,6 @@ def _prepare(cfg: PruneConfig, started: float, progress: bool) -> Run:
     check_distributed(cfg, group)
     device = resolve_device(device_name)
     streaming, streaming_why = streaming_plan(cfg.load, source, cfg.out, calib_kind)
-    if streaming and cfg.structure:
-        streaming, streaming_why = False, "--structure prunes the model in memory"
     streamed = None
     if streaming:
         checkpoint = local_checkpoint(source)

@@ -194,8 +194,6 @@ class PruneConfig:
                 raise OneshotError("--structure needs --remove FRACTION (of the decoder blocks' parameters)")
             if not isinstance(self.remove, (int, float)) or math.isnan(self.remove) or not 0 < self.remove < 1:
                 raise OneshotError(f"--remove must be a fraction strictly between 0 and 1, got {self.remove}")
-            if self.load == "stream":
-                raise OneshotError("--structure needs the whole model in memory for now: use --load full (or auto)")
             if self.remove_experts is not None:
                 raise OneshotError("--structure and --remove-experts cannot be combined yet")
         if self.block_target not in ("layer", "model"):

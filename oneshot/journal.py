@@ -127,7 +127,8 @@ class Journal:
         return {"finished": st["finished"], "hidden": [tensors[f"hidden.{b}"] for b in range(nb)],
                 "dense_stream": dense, "reports": st["reports"], "notes": st["notes"], "passes": st["passes"],
                 "blocks": st["blocks"], "permutations": perms, "allocation": st.get("allocation"),
-                "followers": st.get("followers", {}), "experts_removed": st.get("experts_removed", [])}
+                "followers": st.get("followers", {}), "experts_removed": st.get("experts_removed", []),
+                "structured": st.get("structured_stream")}
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         return _load(self.path(f"layer-{i:05d}.safetensors"))
@@ -149,7 +150,8 @@ class Journal:
         self.state.update({"finished": state["finished"], "hidden": name, "reports": state["reports"],
                            "notes": state["notes"], "passes": state["passes"], "blocks": state["blocks"],
                            "allocation": state["allocation"], "followers": state.get("followers", {}),
-                           "experts_removed": state.get("experts_removed", []), **extra})
+                           "experts_removed": state.get("experts_removed", []),
+                           "structured_stream": state.get("structured"), **extra})
         self._write_state()
         if previous and previous != name and os.path.exists(self.path(previous)):
             os.remove(self.path(previous))

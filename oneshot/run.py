@@ -104,6 +104,7 @@ class Run:
         self.committed_at = time.monotonic()
         self.body: dict = {}
         self.structured: dict | None = None
+        self.remover = None  # --structure while streaming: the engine removes a layer's units as it goes
 
     # -- journal
     def journal_new(self, journal: Journal, fp: dict) -> None:
@@ -130,7 +131,7 @@ class Run:
             self.model, self.io = load_model(self.source, cfg.dtype, cfg.trust_remote_code), LayerIO()
         if self.resume is not None:  # experts the partial run removed: the finished layers' shapes
             replay_removals(self.model, self.resume.get("experts_removed") or [])
-        if not cfg.structure:  # with --structure, once the removal has given the layers their shapes
+        if not cfg.structure:  # with --structure, once the journaled removal has given them their shapes
             self._load_finished()
         self.phases["load"] = time.perf_counter() - t
         if self.calibration is None:
@@ -141,41 +142,29 @@ class Run:
             self.phases["generate_calibration"] = time.perf_counter() - t
 
     def _load_finished(self) -> None:
-        """Layers the partial run finished, as it wrote them (in-memory runs; streamed ones read shards)."""
+        """Layers the partial run finished, as it wrote them (in-memory runs; streamed ones read shards).
+        With ``--structure``, each is first cut to the shapes the journal says it was cut to; the blocks
+        it removed have no tensors."""
         if self.streamed is None and self.resume is not None:
             path, layers = find_decoder_layers(self.model)
             for i in range(self.resume["finished"]):
+                if self.remover is not None and not self.remover.replay(i, layers[i]):
+                    continue
                 prefix = f"{path}.{i}."
                 layers[i].load_state_dict({k[len(prefix):]: v for k, v in self.journal.layer(i).items()})
-
-    def _check_same_removal(self) -> None:
-        """A resumed ``--structure`` run redoes the removal (it is a function of the model and the
-        calibration tokens) and must remove what the partial run removed: its finished layers have
-        those shapes and compensations. The journal keeps what went; a difference is refused."""
-        from .structured import removal_signature
-
-        signature = removal_signature(self.structured)
-        if self.resume is None:
-            self.journal.state["structured"] = signature
-        elif self.journal.state.get("structured") != signature:
-            raise OneshotError("--resume: redoing --structure removed other heads, channels or blocks than the "
-                               "partial run did; rerun without --resume to start over")
 
     def prune(self, tmp: str | None = None) -> None:
         cfg = self.cfg
         self._load()
         if cfg.structure:
-            self._structured()
-            if not cfg.unstructured:
-                return
+            self._remover()
+            self._load_finished()
         self.layers_path, self.layers = find_decoder_layers(self.model)
         if self.journal is not None and self.resume is None:
             self.journal.start(self.fp, self.calibration.input_ids, self.calibration.info)
-        if cfg.structure and self.journal is not None:
-            self._check_same_removal()
-            self._load_finished()
         if tmp is not None and self.streamed is not None:
-            self.writer = ShardWriter(tmp, cfg.format, self.structure["num_layers"], self.model)
+            kept = self.structure["num_layers"] - (len(self.remover.drop) if self.remover is not None else 0)
+            self.writer = ShardWriter(tmp, cfg.format, kept, self.model)
         torch.manual_seed(cfg.seed)
         sequential = cfg.mode_for(self.structure.get("moe") is not None)
         input_ids, first = self.calibration.input_ids, 0
@@ -187,7 +176,7 @@ class Run:
         self.body = prune_layers(
             self.model,
             input_ids,
-            cfg.method,
+            cfg.method if cfg.unstructured or not cfg.structure else None,
             cfg.constraint,
             solver_options(cfg),
             device=self.device,
@@ -207,53 +196,63 @@ class Run:
             first_window=first,
             offload_activations=cfg.offload_activations,
             moe={"calibrate": cfg.moe_calibrate, "remove": cfg.remove_experts, "score": cfg.expert_score},
+            structure=self.remover,
         )
+        if self.remover is not None:
+            self._removed()
 
-    def _structured(self) -> None:
-        """Remove heads, channels and blocks (``--structure``) from the loaded model; the layers after it
-        see the smaller model (a weight-by-weight prune of what remains, when asked, comes next)."""
-        from .engine.loop import check_finite_weights
-        from .model.structure import inspect_structure
-        from .runtime import peak_memory
-        from .structured import channel_alignment, prune_structure
+    def _remover(self) -> None:
+        """``--structure``: the blocks to drop chosen now (Block Influence on the dense model, a pass that
+        reads every layer once when streaming; a resumed run takes them, and what went from each finished
+        layer, from the journal); the engine's layer loop then cuts each layer's heads and channels before
+        it prunes (``--pattern``/``--sparsity``) and writes it."""
+        from .structured import Remover, channel_alignment
+        from .structured.run import batches_of
 
         cfg = self.cfg
         t = time.perf_counter()
-        path, layers = find_decoder_layers(self.model)
-        for i, layer in enumerate(layers):
-            check_finite_weights(layer, f"{path}.{i}")
+        self.remover = Remover(self.model, cfg.structures, cfg.remove, channel_alignment(cfg), cfg.dampening,
+                               cfg.trust_remote_code, self.group)
+        if self.resume is not None and self.resume.get("structured"):
+            self.remover.restore(self.resume["structured"])
+        else:
+            input_ids = self.calibration.input_ids
+            if self.group is not None:
+                input_ids = input_ids[slice(*self.group.windows(input_ids.shape[0]))]
+            _, layers = find_decoder_layers(self.model)
+            self.remover.choose_blocks(self.model, layers, batches_of(input_ids, cfg.batch_size), self.device,
+                                       compute_dtype_for(self.model.dtype, self.device), self.io)
+        self.phases["block_influence"] = time.perf_counter() - t
+
+    def _removed(self) -> None:
+        """After a ``--structure`` run: the dropped blocks out of the model (or skeleton) and its config's
+        sizes as the written layers are."""
+        from .model.structure import inspect_structure
+
+        cfg = self.cfg
         before = int(self.structure.get("parameters", 0))
-        input_ids = self.calibration.input_ids
-        if self.group is not None:  # this rank's windows; the statistics are summed over the ranks
-            input_ids = input_ids[slice(*self.group.windows(input_ids.shape[0]))]
-        self.structured = prune_structure(self.model, input_ids, cfg.structures, cfg.remove,
-                                          self.device, compute_dtype_for(self.model.dtype, self.device),
-                                          cfg.batch_size, cfg.dampening, self.progress, channel_alignment(cfg),
-                                          cfg.trust_remote_code, self.group)
+        self.structured = self.remover.finish(self.model)
         self.structure = inspect_structure(self.model.config, cfg.nm, cfg.ignore, cfg.trust_remote_code)
         self.structured["parameters_before"] = before
         self.structured["parameters_after"] = int(self.structure["parameters"])
-        seconds = time.perf_counter() - t
-        self.phases["structured"] = seconds
         self.layers_path, self.layers = find_decoder_layers(self.model)
-        self.meta = {"method": cfg.method, "pattern": cfg.constraint.describe(),
-                     "target_sparsity": cfg.constraint.sparsity, "versions": versions()}
-        self.body = {"layers_path": self.layers_path, "num_layers": len(self.layers), "linears": [], "notes": [],
-                     "phases_seconds": {}, "peak_memory": peak_memory(), "permutations": {},
-                     "compute_dtype": str(compute_dtype_for(self.model.dtype, self.device)).replace("torch.", "")}
+        self.body["num_layers"] = len(self.layers)
 
     def _sidecar(self, reports: list[dict], transposed: set[str]) -> dict:
         return sparsity_metadata({**self.meta, "linears": reports}, transposed)
 
     def _layer_done(self, i: int, layer, state: dict) -> None:
-        """Layer ``i`` is pruned: count its zeros, write its shard (streaming), journal it."""
-        prefix = f"{self.layers_path}.{i}"
-        self.layer_zeros[i] = sum(int(p.numel() - torch.count_nonzero(p)) for p in layer.parameters())
+        """Layer ``i`` is pruned: count its zeros, write its shard (streaming), journal it. ``layer``
+        None: a block ``--structure`` removed (nothing to write; numbers after it move down)."""
+        j = self.remover.new_index(i) if layer is not None and self.remover is not None else i  # its output number
+        prefix = f"{self.layers_path}.{j}"
+        if layer is not None:
+            self.layer_zeros[j] = sum(int(p.numel() - torch.count_nonzero(p)) for p in layer.parameters())
         if self.journal is None:
             return
-        if self.writer is not None:
+        if self.writer is not None and layer is not None:
             transposed = transposed_names(layer, prefix, self.cfg.ignore)
-            self.shards[i] = self.writer.write(i, layer_tensors(layer, prefix),
+            self.shards[j] = self.writer.write(j, layer_tensors(layer, prefix),
                                                self._sidecar(state["reports"], transposed), state["permutations"])
         # commit at most every --journal-interval seconds (and after the last layer): a resumed run
         # redoes the layers after the last commit, so it still writes the same bytes
@@ -263,7 +262,9 @@ class Run:
         layers = None
         if self.writer is None:  # in memory: every layer finished since the last commit
             done = self.journal.state.get("finished", 0)
-            layers = {j: layer_tensors(self.layers[j], f"{self.layers_path}.{j}") for j in range(done, i + 1)}
+            dropped = self.remover.drop if self.remover is not None else ()
+            layers = {k: layer_tensors(self.layers[k], f"{self.layers_path}.{k}") for k in range(done, i + 1)
+                      if k not in dropped}  # numbered as the model in memory is until the end
         self.journal.commit(i, state, {"shards": self.shards, "layer_zeros": self.layer_zeros}, layers=layers)
         self.committed_at = time.monotonic()
 

@@ -87,7 +87,7 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
                progress: bool = True, allocation: dict | None = None, heldout: int = 0,
                block: dict | None = None, io: LayerIO | None = None, compute_dtype: torch.dtype | None = None,
                resume: dict | None = None, on_layer=None, group=None, first_window: int = 0,
-               offload_activations: bool = False, moe: dict | None = None) -> dict:
+               offload_activations: bool = False, moe: dict | None = None, structure=None) -> dict:
     """Prune every linear inside the decoder layers of ``model`` in place; returns the report's body.
 
     ``allocation``: ``{"kind": "owl", "m": .., "lambda": ..}`` for per-layer sparsities (unstructured);
@@ -99,7 +99,9 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
     run's state so far as a dict (:class:`RunState`, what a journal needs to resume); ``resume``: such
     a state, to continue from its next layer. ``group``: a torch.distributed group
     (:mod:`oneshot.distributed`); ``input_ids`` are then this rank's windows, the first of them window
-    ``first_window`` of all.
+    ``first_window`` of all. ``structure``: a :class:`~oneshot.structured.Remover` whose blocks to
+    drop are chosen: those are skipped (their tensors never written), and every other layer gives up
+    its heads and channels before it is pruned; ``method`` None: nothing pruned after that.
     """
     from tqdm.auto import tqdm
 
@@ -118,12 +120,13 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
         raise OneshotError("--update block needs --sequential layer")
     if group is not None and sequential != "layer":
         raise OneshotError("a distributed run sums the statistics of the dense layer: it needs --sequential layer")
-    plan = _Plan(spec=SOLVERS[method], options=options, device=device,
+    plan = _Plan(spec=SOLVERS.get(method), options=options, device=device,
                  store=activation_store(device, nsamples * seqlen * hidden_size * dtype_bytes, offload_activations),
                  compute=compute, storage=storage, sequential=sequential, nbatches=len(batches), nsamples=nsamples,
                  error_tokens=max(0, ERROR_TOKENS - first_window * seqlen),  # the same first tokens on any rank count
-                 needs_stats=SOLVERS[method].needs_stats or options.get("update", "none") in WEIGHT_UPDATES,
-                 needs_hessian=solver_needs_hessian(method, options), heldout=heldout,
+                 needs_stats=method is not None and (SOLVERS[method].needs_stats
+                                                     or options.get("update", "none") in WEIGHT_UPDATES),
+                 needs_hessian=method is not None and solver_needs_hessian(method, options), heldout=heldout,
                  heldout_from=nsamples - heldout if heldout else None, block=block, group=group, ignore=tuple(ignore),
                  moe={"calibrate": "all", "remove": None, "score": "reap", **(moe or {})}, config=config)
     phases = {"capture": 0.0, "prune_and_propagate": 0.0, "solve": 0.0}
@@ -136,6 +139,8 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
     phases["capture"] = time.perf_counter() - t0
 
     state = RunState.from_dict(resume) if resume is not None else RunState()
+    if structure is not None:  # the blocks to drop are journaled from the first commit on
+        state.structured = structure.state()
     if resume is not None:
         captured.hidden = list(state.hidden)
         allocation = state.allocation or allocation
@@ -161,7 +166,13 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
     for i, layer in enumerate(layers):
         if i < state.finished:
             continue
-        prefix = f"{path}.{i}"
+        if structure is not None and i in structure.drop:  # a removed block: its inputs pass on unchanged
+            state.finished = i + 1
+            if on_layer is not None:
+                on_layer(i, None, state.as_dict())
+            bar.update(1)
+            continue
+        prefix = f"{path}.{i if structure is None else structure.new_index(i)}"
         t = time.perf_counter()
         stored = onload(io, i, layer, device, compute)
         phases["layer_io"] = phases.get("layer_io", 0.0) + time.perf_counter() - t
@@ -174,6 +185,12 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
                     f"the decoder layers before it have finite weights, so the activations overflow "
                     f"{overflow_advice(hidden.dtype)}"
                 )
+        if structure is not None:
+            t_s = time.perf_counter()
+            structure.cut(i, layer, captured, device, compute)
+            state.structured = structure.state()
+            linears = find_linears(layer, prefix, ignore)
+            phases["structured"] = phases.get("structured", 0.0) + time.perf_counter() - t_s
         kept = {}
         if plan.moe["remove"] and experts_modules(layer):
             t_r = time.perf_counter()
@@ -183,9 +200,13 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
             kept = {entry["block"]: entry["kept"] for entry in removed}
             linears = find_linears(layer, prefix, ignore)
             phases["expert_removal"] = phases.get("expert_removal", 0.0) + time.perf_counter() - t_r
-        with ExpertRouting(layer, prefix, linears) as routing:
-            layer_linears = _prune_layer(plan, i, prefix, layer, linears, constraints[i], captured, state, phases,
-                                         routing)
+        if method is None:  # structure alone: the cut layer's outputs are the next one's inputs
+            layer_linears = []
+            _propagate(layer, captured, i, device, compute)
+        else:
+            with ExpertRouting(layer, prefix, linears) as routing:
+                layer_linears = _prune_layer(plan, i, prefix, layer, linears, constraints[i], captured, state,
+                                             phases, routing)
         for entry in layer_linears:  # an expert's index in the source model, where experts were removed
             if "expert" in entry and entry["name"].rsplit(".", 2)[0] in kept:
                 entry["source_expert"] = kept[entry["name"].rsplit(".", 2)[0]][entry["expert"]]
@@ -229,6 +250,13 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
     if resume is not None and int(resume["finished"]):
         body["resumed_at_layer"] = int(resume["finished"])
     return body
+
+
+@torch.no_grad()
+def _propagate(layer, captured: Captured, i: int, device, compute) -> None:
+    for b, (_, hidden, args, kwargs) in enumerate(layer_inputs(captured, i, device, compute)):
+        out = call_layer(layer, hidden, args, kwargs)
+        captured.hidden[b] = out.to(captured.hidden[b].device, captured.hidden[b].dtype)
 
 
 def _prune_layer(plan: _Plan, i: int, prefix: str, layer, linears: dict, constraint: Constraint,

@@ -13,15 +13,7 @@ after each step, so every choice sees the compensation of the ones before it.
 """
 
 from .obs import GroupRemoval, group_errors, inverse_hessian, remove_groups
-from .run import (
-                  STRUCTURES,
-                  block_influence,
-                  channel_alignment,
-                  check_request,
-                  parse_structures,
-                  prune_structure,
-                  removal_signature,
-)
+from .run import STRUCTURES, Remover, block_influence, channel_alignment, check_request, parse_structures
 
-__all__ = ["STRUCTURES", "GroupRemoval", "block_influence", "channel_alignment", "check_request", "group_errors",
-           "inverse_hessian", "parse_structures", "prune_structure", "removal_signature", "remove_groups"]
+__all__ = ["STRUCTURES", "GroupRemoval", "Remover", "block_influence", "channel_alignment", "check_request",
+           "group_errors", "inverse_hessian", "parse_structures", "remove_groups"]

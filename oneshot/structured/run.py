@@ -32,7 +32,7 @@ from .surgery import (
 )
 
 
-def _batches(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def batches_of(input_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(input_ids.split(max(1, batch_size or 8)))
 
 
@@ -74,38 +74,43 @@ def _hessians(layer, captured, i: int, device, dtype, consumers: dict, group=Non
     return hooks.h
 
 
-def _on(i: int, layer: nn.Module, device, dtype) -> dict:
+def _on(i: int, layer: nn.Module, device, dtype, io: LayerIO | None = None) -> dict:
     """Layer ``i`` on ``device`` in ``dtype``, as the engine loads a layer; returns what :func:`_off` needs."""
-    return onload(LayerIO(), i, layer, device, dtype)
+    return onload(io or LayerIO(), i, layer, device, dtype)
 
 
-def _off(i: int, layer: nn.Module, device, stored: dict) -> None:
+def _off(i: int, layer: nn.Module, device, stored: dict, io: LayerIO | None = None) -> None:
     restore(layer, stored)
-    LayerIO().release(i, layer, torch.device(device))
+    (io or LayerIO()).release(i, layer, torch.device(device))
 
 
 @torch.no_grad()
-def block_influence(model, layers: nn.ModuleList, batches, device, dtype, group=None) -> list[float]:
+def block_influence(model, layers: nn.ModuleList, batches, device, dtype, group=None,
+                    io: LayerIO | None = None) -> list[float]:
     """ShortGPT's Block Influence of every decoder block on the dense model: 1 − mean over calibration
-    tokens of cos(block input, block output) (under torchrun, over every rank's tokens)."""
+    tokens of cos(block input, block output) (under torchrun, over every rank's tokens). ``io``: where
+    the layers come from (streamed from the checkpoint, one at a time)."""
     from ..engine.capture import capture_inputs
 
-    captured = capture_inputs(model, layers, batches, device, torch.device("cpu"))
+    io = io or LayerIO()
+    captured = capture_inputs(model, layers, batches, device, torch.device("cpu"), io)
+    io.captured(model)
     scores = []
     for i, layer in enumerate(layers):
-        stored = _on(i, layer, device, dtype)
+        stored = _on(i, layer, device, dtype, io)
         total, count = 0.0, 0
         for hidden, out in _run_layer(layer, captured, i, device, dtype, replace=True):
             cos = torch.nn.functional.cosine_similarity(hidden.float(), out.float(), dim=-1)
             total += float(cos.sum())
             count += cos.numel()
-        _off(i, layer, device, stored)
+        _off(i, layer, device, stored, io)
         if group is not None:
             sums = torch.tensor([total, float(count)], dtype=torch.float64)
             group.all_reduce(sums)
             total, count = float(sums[0]), int(sums[1])
         scores.append(1.0 - total / max(count, 1))
-    model.to("cpu")
+    if not io.streaming:
+        model.to("cpu")
     return scores
 
 
@@ -181,100 +186,146 @@ def plan_width(layer, mlp: MLPParts | None, attn: AttentionParts | None, budget:
     return WidthPlan(best["channels"], best["heads_per_group"]), tried
 
 
-@torch.no_grad()
-def prune_structure(model, input_ids: torch.Tensor, structures: set[str], remove: float, device: torch.device,
-                    dtype: torch.dtype, batch_size: int = 0, dampening: float = 0.01, progress: bool = True,
-                    align: int = 1, trust_remote_code: bool = False, group=None) -> dict:
-    """Remove ``remove`` of the decoder blocks' parameters as whole blocks, attention heads and MLP channels
-    (``structures``); returns the report's ``structured`` entry. Blocks go first (by Block Influence on
-    the dense model, with both kinds half the budget each); then, layer by layer on the calibration
-    inputs as the pruned layers before produce them, heads and channels by group OBS."""
-    from tqdm.auto import tqdm
+class Remover:
+    """Structured removal a layer at a time, for the in-memory loop here and the engine's streaming
+    loop alike: the budget and layouts from the model (its meta skeleton will do), the blocks to drop
+    (:meth:`choose_blocks`), the width plan decided on the first layer cut, each layer's cut
+    (:meth:`cut`), what went (:meth:`state`, journaled) and the config and report at the end."""
 
-    from ..engine.capture import capture_inputs
-    from ..model.structure import find_decoder_layers
+    def __init__(self, model, structures: set[str], remove: float, align: int = 1, dampening: float = 0.01,
+                 trust_remote_code: bool = False, group=None):
+        from ..model.structure import find_decoder_layers
 
-    path, layers = find_decoder_layers(model)
-    text = model.config.get_text_config()
-    heads, kv, head_dim = head_counts(text)
-    batches = _batches(input_ids, batch_size)
-    block_params = sum(p.numel() for p in layers.parameters())
-    budget = remove * block_params
-    report: dict = {"structures": sorted(structures), "remove": remove, "decoder_parameters_before": block_params,
-                    "layers_before": len(layers)}
-    if "blocks" in structures:
-        share = budget if structures == {"blocks"} else budget / 2
-        per_block = block_params / len(layers)
-        count = int(round(share / per_block))
-        if count >= len(layers):
-            raise OneshotError(f"--remove {remove}: that is {count} of the {len(layers)} decoder blocks; "
-                               "keep at least one")
-        scores = block_influence(model, layers, batches, device, dtype, group)
-        drop = sorted(sorted(range(len(layers)), key=lambda i: scores[i])[:count])
-        removed = sum(p.numel() for i in drop for p in layers[i].parameters())
-        drop_blocks(model, path, layers, drop)
+        _, layers = find_decoder_layers(model)
+        self.structures, self.remove, self.align, self.dampening, self.group = \
+            structures, remove, align, dampening, group
+        self.heads, self.kv, self.head_dim = head_counts(model.config.get_text_config())
+        self.layers_before = len(layers)
+        self.block_params = sum(p.numel() for p in layers.parameters())
+        self.per_block = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+        width = structures & {"heads", "channels"}
+        self.mlp = mlp_parts(layers[0]) if "channels" in width else None
+        self.attn = attention_parts(layers[0]) if "heads" in width else None
+        self.keys = config_keys(model.config, width, layers[0], align, trust_remote_code) if width else {}
+        self.drop: list[int] = []
+        self.scores: list[float] | None = None
+        self.plan: WidthPlan | None = None
+        self.tried: list[dict] = []
+        self.entries: list[dict] = []
+
+    def blocks_to_drop(self) -> int:
+        if "blocks" not in self.structures:
+            return 0
+        budget = self.remove * self.block_params
+        share = budget if self.structures == {"blocks"} else budget / 2
+        count = int(round(share / (self.block_params / self.layers_before)))
+        if count >= self.layers_before:
+            raise OneshotError(f"--remove {self.remove}: that is {count} of the {self.layers_before} decoder "
+                               "blocks; keep at least one")
+        return count
+
+    def choose_blocks(self, model, layers, batches, device, dtype, io: LayerIO | None = None) -> None:
+        """The blocks of least Block Influence on the dense model go."""
+        count = self.blocks_to_drop()
+        if count:
+            self.scores = block_influence(model, layers, batches, device, dtype, self.group, io)
+            self.drop = sorted(sorted(range(len(layers)), key=lambda i: self.scores[i])[:count])
+
+    @property
+    def per_layer(self) -> float:
+        """Parameters each kept layer gives up as heads and channels."""
+        left = self.remove * self.block_params - sum(self.per_block[i] for i in self.drop)
+        return left / (self.layers_before - len(self.drop)) if self.mlp or self.attn else 0.0
+
+    def new_index(self, i: int) -> int:
+        """Layer ``i``'s index once the dropped blocks are gone."""
+        return i - sum(1 for d in self.drop if d < i)
+
+    def cut(self, i: int, layer: nn.Module, captured, device, dtype, index: int | None = None) -> dict | None:
+        """Remove this layer's heads and channels on its calibration inputs (``captured``, layer ``i``):
+        heads first, then the MLP's channels on the inputs the cut attention gives it. ``index``: the
+        layer's number in the output (default: ``i`` once the dropped blocks are gone)."""
+        if self.per_layer <= 0:
+            return None
+        mlp, attn = self.mlp, self.attn
+        modules = dict(layer.named_modules())
+        mlp_consumers = ({} if mlp is None else expert_consumers(layer, mlp) if mlp.experts
+                         else {mlp.consumer: modules[mlp.consumer]})
+        attn_consumers = {attn.o: modules[attn.o]} if attn else {}
+        hessians = _hessians(layer, captured, i, device, dtype, {**attn_consumers, **mlp_consumers}, self.group)
+        if self.plan is None:
+            self.plan, self.tried = plan_width(layer, mlp, attn, self.per_layer, self.heads, self.kv, self.head_dim,
+                                               hessians, self.dampening, self.align)
+        entry = {"layer": self.new_index(i) if index is None else index}
+        if attn is not None and self.plan.heads_per_group:
+            entry["attention"] = cut_heads(layer, attn, hessians[attn.o], self.heads, self.kv, self.head_dim,
+                                           self.plan.heads_per_group, self.dampening)
+            if mlp is not None and self.plan.channels:  # the MLP's inputs as the cut attention makes them
+                hessians = _hessians(layer, captured, i, device, dtype, mlp_consumers, self.group)
+        if mlp is not None and self.plan.channels:
+            entry["mlp"] = cut_channels(layer, mlp, hessians, self.plan.channels, self.dampening)
+        self.entries.append(entry)
+        return entry
+
+    def replay(self, i: int, layer: nn.Module) -> bool:
+        """Cut layer ``i`` (a layer a partial run finished) to the shapes the journal says it was cut to,
+        without statistics: its tensors are loaded next. False for a dropped block (no tensors)."""
+        if i in self.drop:
+            return False
+        k = self.new_index(i)
+        entry = self.entries[k] if k < len(self.entries) else {}
+        if "attention" in entry:
+            att = entry["attention"]
+            cut_heads(layer, self.attn, None, self.heads, self.kv, self.head_dim, self.plan.heads_per_group,
+                      self.dampening, forced=att["removed_heads"])
+        if "mlp" in entry:
+            cut_channels(layer, self.mlp, {}, self.plan.channels, self.dampening,
+                         forced=entry["mlp"]["removed_channels"])
+        return True
+
+    def state(self) -> dict:
+        """What went so far, for a journal (:meth:`restore` reads it back)."""
+        plan = None if self.plan is None else [self.plan.channels, self.plan.heads_per_group]
+        return {"drop": self.drop, "scores": self.scores, "plan": plan, "tried": self.tried, "entries": self.entries}
+
+    def restore(self, state: dict) -> None:
+        self.drop, self.scores, self.tried, self.entries = \
+            list(state["drop"]), state["scores"], state["tried"], list(state["entries"])
+        self.plan = None if state["plan"] is None else WidthPlan(*state["plan"])
+
+    def finish(self, model, dropped: bool = False) -> dict:
+        """The dropped blocks out of ``model`` (unless ``dropped`` already) and its config's sizes updated;
+        returns the report's ``structured`` entry."""
+        from ..model.structure import find_decoder_layers
+
         path, layers = find_decoder_layers(model)
-        budget -= removed
-        report["blocks"] = {"criterion": "block influence (1 - cos(input, output))",
-                            "scores": [round(s, 6) for s in scores], "removed": drop}
-    width = structures & {"heads", "channels"}
-    if width and budget > 0:
-        keys = config_keys(model.config, structures, layers[0], align, trust_remote_code)
-        per_layer = budget / len(layers)
-        mlp = mlp_parts(layers[0]) if "channels" in width else None
-        attn = attention_parts(layers[0]) if "heads" in width else None
-        captured = capture_inputs(model, layers, batches, device, torch.device("cpu"))
-        plan, entries = None, []
-        bar = tqdm(total=len(layers), desc="structured", unit="layer", disable=not progress)
-        for i, layer in enumerate(layers):
-            stored = _on(i, layer, device, dtype)
-            modules = dict(layer.named_modules())
-            mlp_consumers = ({} if mlp is None else expert_consumers(layer, mlp) if mlp.experts
-                             else {mlp.consumer: modules[mlp.consumer]})
-            attn_consumers = {attn.o: modules[attn.o]} if attn else {}
-            hessians = _hessians(layer, captured, i, device, dtype, {**attn_consumers, **mlp_consumers}, group)
-            if plan is None:
-                plan, tried = plan_width(layer, mlp, attn, per_layer, heads, kv, head_dim, hessians, dampening, align)
-                report["width_plan"] = {"channels": plan.channels, "heads_per_group": plan.heads_per_group,
-                                        "tried_on_layer_0": tried}
-            entry = {"layer": i}
-            if attn is not None and plan.heads_per_group:
-                entry["attention"] = cut_heads(layer, attn, hessians[attn.o], heads, kv, head_dim,
-                                               plan.heads_per_group, dampening)
-                if mlp is not None and plan.channels:  # the MLP's inputs as the cut attention makes them
-                    hessians = _hessians(layer, captured, i, device, dtype, mlp_consumers, group)
-            if mlp is not None and plan.channels:
-                entry["mlp"] = cut_channels(layer, mlp, hessians, plan.channels, dampening)
-            del hessians
-            for _ in _run_layer(layer, captured, i, device, dtype, replace=True):
-                pass
-            _off(i, layer, device, stored)
-            entries.append(entry)
-            bar.update(1)
-        bar.close()
-        model.to("cpu")
-        report["layers"] = entries
-        first = entries[0] if entries else {}
+        if self.drop and not dropped:
+            drop_blocks(model, path, layers, self.drop)
+            path, layers = find_decoder_layers(model)
+        text = model.config.get_text_config()
+        first = self.entries[0] if self.entries else {}
         for config in {id(c): c for c in (model.config, text)}.values():
             if "mlp" in first:
-                setattr(config, keys["mlp"], first["mlp"]["channels_after"])
+                setattr(config, self.keys["mlp"], first["mlp"]["channels_after"])
             if "attention" in first:
                 config.num_attention_heads = first["attention"]["heads_after"]
                 config.num_key_value_heads = first["attention"]["kv_heads_after"]
-                config.head_dim = head_dim
-    report["layers_after"] = len(layers)
-    report["decoder_parameters_after"] = sum(p.numel() for p in layers.parameters())
-    return report
+                config.head_dim = self.head_dim
+        report: dict = {"structures": sorted(self.structures), "remove": self.remove,
+                        "decoder_parameters_before": self.block_params, "layers_before": self.layers_before}
+        if "blocks" in self.structures:
+            report["blocks"] = {"criterion": "block influence (1 - cos(input, output))",
+                                "scores": [round(s, 6) for s in self.scores or []], "removed": self.drop}
+        if self.plan is not None:
+            report["width_plan"] = {"channels": self.plan.channels, "heads_per_group": self.plan.heads_per_group,
+                                    "tried_on_layer_0": self.tried}
+            report["layers"] = self.entries
+        report["layers_after"] = len(layers)
+        report["decoder_parameters_after"] = sum(p.numel() for p in layers.parameters())  # meta ones count too
+        return report
 
 
 STRUCTURES = ("heads", "channels", "blocks")
-
-
-def removal_signature(report: dict) -> dict:
-    """What a structured run removed (blocks, and per layer heads and channels), for the journal."""
-    return {"blocks": (report.get("blocks") or {}).get("removed", []),
-            "layers": [[e.get("attention", {}).get("removed_heads"), e.get("mlp", {}).get("removed_channels")]
-                       for e in report.get("layers", [])]}
 
 
 def parse_structures(text: str) -> set[str]:

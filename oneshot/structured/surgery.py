@@ -230,15 +230,25 @@ def per_group_choice(heads_per_kv: int, kv: int):
     return choose
 
 
-def cut_channels(layer: nn.Module, parts: MLPParts, hessians: dict, count: int, dampening: float) -> dict:
+def _hessian_or_identity(hessians: dict, name: str, width: int, device) -> torch.Tensor:
+    """The consumer's Hessian; the identity when only shapes matter (a journaled cut replayed: ``forced``)."""
+    h = hessians.get(name)
+    return h if h is not None else torch.eye(width, dtype=torch.float32, device=device)
+
+
+def cut_channels(layer: nn.Module, parts: MLPParts, hessians: dict, count: int, dampening: float,
+                 forced: list | None = None) -> dict:
     """Remove ``count`` MLP channels of ``layer`` by group OBS on the consumer (for fused experts:
-    ``count`` of every expert's, each expert on its own tokens' Hessian); returns the entry."""
+    ``count`` of every expert's, each expert on its own tokens' Hessian); returns the entry.
+    ``forced``: remove exactly these (per expert, for experts) instead of choosing."""
     if parts.experts:
-        return _cut_expert_channels(layer, parts, hessians, count, dampening)
+        return _cut_expert_channels(layer, parts, hessians, count, dampening, forced)
     modules = dict(layer.named_modules())
     consumer = modules[parts.consumer]
     width = in_width(consumer)
-    result = remove_groups(weight_matrix(consumer).float(), hessians[parts.consumer], 1, count, dampening)
+    w = weight_matrix(consumer).float()
+    result = remove_groups(w, _hessian_or_identity(hessians, parts.consumer, width, w.device), 1, count, dampening,
+                           forced=forced)
     kept = torch.tensor(sorted(set(range(width)) - set(result.removed)), dtype=torch.long)
     for name in parts.producers:
         keep_rows(modules[name], parts.rows(kept, width))
@@ -269,7 +279,8 @@ def expert_consumers(layer: nn.Module, parts: MLPParts) -> dict:
             if n.startswith(f"{parts.experts}.") and n.endswith(suffix)}
 
 
-def _cut_expert_channels(layer: nn.Module, parts: MLPParts, hessians: dict, count: int, dampening: float) -> dict:
+def _cut_expert_channels(layer: nn.Module, parts: MLPParts, hessians: dict, count: int, dampening: float,
+                         forced: list | None = None) -> dict:
     from ..model.experts import fused_parameters
 
     owner = dict(layer.named_modules())[parts.experts]
@@ -284,7 +295,7 @@ def _cut_expert_channels(layer: nn.Module, parts: MLPParts, hessians: dict, coun
         h = hessians.get(f"{parts.experts}.{e}.{parts.consumer}")
         if h is None:  # no calibration token reached this expert: the cheapest by weight alone
             h = torch.zeros(width, width, dtype=torch.float32, device=w.device)
-        result = remove_groups(w, h, 1, count, dampening)
+        result = remove_groups(w, h, 1, count, dampening, forced=None if forced is None else forced[e])
         kept = torch.tensor(sorted(set(range(width)) - set(result.removed)), dtype=torch.long)
         cut = result.weight[:, kept.to(w.device)].to(down.dtype)
         new_down.append(cut.t() if transposed[parts.consumer] else cut)
@@ -313,20 +324,23 @@ def _set_fused(owner: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(owner, name, nn.Parameter(value.contiguous(), requires_grad=False))
 
 
-def cut_heads(layer: nn.Module, parts: AttentionParts, hessian: torch.Tensor, heads: int, kv: int, head_dim: int,
-              per_group: int, dampening: float) -> dict:
+def cut_heads(layer: nn.Module, parts: AttentionParts, hessian: torch.Tensor | None, heads: int, kv: int,
+              head_dim: int, per_group: int, dampening: float, forced: list[int] | None = None) -> dict:
     """Remove ``per_group`` query heads from every key/value group (MHA: ``per_group`` heads with their
-    key/value heads) by group OBS on the output projection; returns the entry."""
+    key/value heads) by group OBS on the output projection; returns the entry. ``forced``: remove
+    exactly these heads (a journaled cut replayed; ``hessian`` may then be None)."""
     import copy
 
     modules = dict(layer.named_modules())
     o = modules[parts.o]
     mha = heads == kv
+    w = weight_matrix(o).float()
+    h = _hessian_or_identity({"o": hessian}, "o", w.shape[1], w.device)
     if mha:
-        result = remove_groups(weight_matrix(o).float(), hessian, head_dim, per_group, dampening)
+        result = remove_groups(w, h, head_dim, per_group, dampening, forced=forced)
     else:
-        result = remove_groups(weight_matrix(o).float(), hessian, head_dim, per_group * kv, dampening,
-                               steps=per_group, choose=per_group_choice(heads // kv, kv))
+        result = remove_groups(w, h, head_dim, per_group * kv, dampening, steps=per_group,
+                               choose=per_group_choice(heads // kv, kv), forced=forced)
     kept_heads = sorted(set(range(heads)) - set(result.removed))
     rows = torch.tensor([h * head_dim + d for h in kept_heads for d in range(head_dim)], dtype=torch.long)
     if parts.fused:  # q, then k, then v in one projection
