@@ -3,6 +3,7 @@
     python benchmarks/streaming.py make /tmp/big            # ~8.8 GB bf16 Llama, 42 layers, sharded
     python benchmarks/streaming.py run /tmp/big --load stream
     python benchmarks/streaming.py run /tmp/big --load full
+    python benchmarks/streaming.py run /tmp/big --structure channels --remove 0.2   # structured, streamed
     # the GPU bar (a GPU machine): Llama-3-8B shape, SparseGPT 2:4 at 128 x 2048, then Wanda
     python benchmarks/streaming.py make /tmp/l3 --shape llama3-8b
     python benchmarks/streaming.py run /tmp/l3 --method sparsegpt --pattern 2:4 --nsamples 128 --seqlen 2048
@@ -87,12 +88,16 @@ def _max_rss(stderr_file: str) -> int | None:
 
 
 def run(directory: str, load: str, nsamples: int, seqlen: int, out: str, method: str, pattern: str | None,
-        device: str, history: str | None) -> None:
+        device: str, history: str | None, structure: str | None = None, remove: float | None = None) -> None:
     calib = os.path.join(SHARED, "data", "wikitext-2", "wiki.valid.tokens")
     if os.path.exists(out):
         shutil.rmtree(out)
-    cmd = [sys.executable, "-m", "oneshot", "prune", directory, "--method", method,
-           *(["--pattern", pattern] if pattern else ["--sparsity", "0.5"]), "--device", device,
+    if structure:  # structured removal, then the weight pruning only when a pattern is given
+        prune = ["--structure", structure, "--remove", str(remove), *(["--method", method, "--pattern", pattern]
+                                                                     if pattern else [])]
+    else:
+        prune = ["--method", method, *(["--pattern", pattern] if pattern else ["--sparsity", "0.5"])]
+    cmd = [sys.executable, "-m", "oneshot", "prune", directory, *prune, "--device", device,
            "--calib", calib, "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--load", load, "--out", out,
            "--quiet", "--no-memory-check"]
     timer = shutil.which("time") and os.path.exists("/usr/bin/time")
@@ -110,8 +115,10 @@ def run(directory: str, load: str, nsamples: int, seqlen: int, out: str, method:
     size = sum(os.path.getsize(os.path.join(directory, n)) for n in os.listdir(directory) if n.endswith(".safetensors"))
     print(f"exit {done.returncode}; checkpoint {size / 1e9:.2f} GB; peak RSS {peak / 1e9:.2f} GB "
           f"({peak / 2**30:.2f} GiB); wall {wall:.0f} s")
+    label = (f"structure {structure} {remove}" + (f" + {method}" if pattern else "")) if structure else method
     record = {"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-              "checkpoint_gb": round(size / 1e9, 2), "load": load, "method": method, "pattern": pattern or "50%",
+              "checkpoint_gb": round(size / 1e9, 2), "load": load, "method": label,
+              "pattern": pattern or ("none" if structure else "50%"),
               "calibration": f"{nsamples}x{seqlen}", "exit": done.returncode, "peak_rss_gb": round(peak / 1e9, 3),
               "wall_s": round(wall)}
     if done.returncode == 0:
@@ -164,6 +171,8 @@ def main() -> None:
     p.add_argument("--method", default="wanda")
     p.add_argument("--pattern", default=None, help="e.g. 2:4 (default: 50%% unstructured)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--structure", default=None, help="e.g. channels: structured removal (issue 16) instead of 50%%")
+    p.add_argument("--remove", type=float, default=0.2, help="with --structure: the fraction of the blocks' parameters")
     p.add_argument("--history", default=os.path.join(ROOT, "benchmarks", "streaming-history.jsonl"),
                    help="append the run (commit, peak RSS, wall) to this JSON-lines file; '' for none")
     args = parser.parse_args()
@@ -171,7 +180,7 @@ def main() -> None:
         make(args.dir, args.shape, args.layers, args.seed)
     else:
         run(args.dir, args.load, args.nsamples, args.seqlen, args.out or args.dir.rstrip("/") + f"-pruned-{args.load}",
-            args.method, args.pattern, args.device, args.history or None)
+            args.method, args.pattern, args.device, args.history or None, args.structure, args.remove)
 
 
 if __name__ == "__main__":

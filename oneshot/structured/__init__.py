@@ -13,7 +13,8 @@ after each step, so every choice sees the compensation of the ones before it.
 """
 
 from .obs import GroupRemoval, group_errors, inverse_hessian, remove_groups
-from .run import STRUCTURES, Remover, block_influence, channel_alignment, check_request, parse_structures
+from .plan import STRUCTURES, channel_alignment, check_request, parse_structures
+from .run import Remover, block_influence
 
 __all__ = ["STRUCTURES", "GroupRemoval", "Remover", "block_influence", "channel_alignment", "check_request",
            "group_errors", "inverse_hessian", "parse_structures", "remove_groups"]
