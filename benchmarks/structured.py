@@ -31,6 +31,8 @@ from benchmarks.quality import ppl_of  # noqa: E402
 
 RECIPES = {"blocks": "--structure blocks", "channels": "--structure channels",
            "heads,channels": "--structure heads,channels", "channels,blocks": "--structure channels,blocks"}
+UPDATE = "--update block --block-target model --block-epochs 2 --block-lr 1e-3 --block-batch 2"
+RECIPES.update({f"{name}/update": f"{flags} {UPDATE}" for name, flags in list(RECIPES.items())})
 
 
 def speed(directory: str, repeats: int = 5) -> dict:
@@ -120,7 +122,7 @@ def quality(fractions: list[float], recipes: list[str], repeats: int, keep: str 
         tmp = keep or scratch
         for fraction in fractions:
             for recipe in recipes:
-                out = os.path.join(tmp, f"{recipe}-{fraction}".replace(",", "+"))
+                out = os.path.join(tmp, f"{recipe}-{fraction}".replace(",", "+").replace("/", "_"))
                 t = time.perf_counter()
                 subprocess.run([sys.executable, "-m", "oneshot", "prune", model, *RECIPES[recipe].split(),
                                 "--remove", str(fraction), "--calib", VALID, "--nsamples", "32", "--seqlen", "512",
@@ -150,7 +152,8 @@ def main() -> None:
     q = sub.add_parser("quality")
     q.add_argument("--fractions", default="0.2,0.35")
     q.add_argument("--recipes", default="blocks,channels,heads+channels",
-                   help="comma list of recipes; '+' inside one: blocks, channels, heads+channels, channels+blocks")
+                   help="comma list of recipes; '+' inside one: blocks, channels, heads+channels, channels+blocks; "
+                        "NAME/update adds a block update toward the dense model's stream")
     q.add_argument("--repeats", type=int, default=5)
     q.add_argument("--keep", default=None, help="keep the pruned outputs in this directory")
     c = sub.add_parser("compare", help="interleaved CPU speed of DENSE_DIR and pruned outputs, ratios per round")

@@ -441,3 +441,31 @@ def test_two_gloo_ranks_remove_what_one_process_removes(tiny_factory, calib_txt,
     a, b = _tensors(one), _tensors(two)
     assert sorted(a) == sorted(b)
     assert all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-4) for k in a)
+
+
+@pytest.mark.parametrize("two_four", [False, True])
+def test_a_block_update_refits_the_cut_layers(two_four, calib_txt, tmp_path, monkeypatch):
+    """``--update block`` after the cut: each kept layer is refitted toward its uncut self (``layer``)
+    or toward the dense model's stream (``model``), which also runs through the removed blocks, so the
+    layer after a removed block learns to stand in for it. Its held-out loss decides: a refit that
+    does not lower it is not kept."""
+    from oneshot import prune
+    from tiny import make_sharded_llama
+
+    src = make_sharded_llama(str(tmp_path / "src"), layers=6)
+    _middle_blocks_least_influential(monkeypatch)
+    reports = {}
+    for target in ("layer", "model"):
+        reports[target] = prune(src, str(tmp_path / target), structure="channels,blocks", remove=0.5, calib=calib_txt,
+                                nsamples=8, seqlen=32, progress=False, update="block", block_target=target,
+                                block_epochs=2, **({"pattern": "2:4"} if two_four else {})).report
+    for report in reports.values():
+        updates = report["block_update"]
+        assert [u["layer"] for u in updates] == [f"model.layers.{k}" for k in range(4)], "one per kept layer"
+        for u in updates:
+            assert u["heldout_loss_after"] <= u["heldout_loss_before"]
+            assert u["kept"] == (u["heldout_loss_after"] < u["heldout_loss_before"])
+    # toward the dense stream, the layer after removed block 1 starts further off than toward its uncut self
+    after = {t: {u["layer"]: u["heldout_loss_before"] for u in r["block_update"]} for t, r in reports.items()}
+    assert after["model"]["model.layers.1"] > after["layer"]["model.layers.1"]
+    assert main(["verify", str(tmp_path / "model"), "--quiet"]) == 0

@@ -167,6 +167,11 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
         if i < state.finished:
             continue
         if structure is not None and i in structure.drop:  # a removed block: its inputs pass on unchanged
+            if state.dense_stream is not None:  # the dense model still has it (--block-target model)
+                stored = onload(io, i, layer, device, compute)
+                _dense_targets(plan, layer, captured, state, i)
+                restore(layer, stored)
+                io.release(i, layer, device)
             state.finished = i + 1
             if on_layer is not None:
                 on_layer(i, None, state.as_dict())
@@ -185,8 +190,11 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
                     f"the decoder layers before it have finite weights, so the activations overflow "
                     f"{overflow_advice(hidden.dtype)}"
                 )
+        targets = None
         if structure is not None:
             t_s = time.perf_counter()
+            if plan.block is not None:  # what --update block refits the cut layer to: the uncut one's outputs
+                targets = _dense_targets(plan, layer, captured, state, i)
             structure.cut(i, layer, captured, device, compute)
             state.structured = structure.state()
             linears = find_linears(layer, prefix, ignore)
@@ -202,11 +210,14 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
             phases["expert_removal"] = phases.get("expert_removal", 0.0) + time.perf_counter() - t_r
         if method is None:  # structure alone: the cut layer's outputs are the next one's inputs
             layer_linears = []
+            if plan.block is not None:
+                with ExpertRouting(layer, prefix, linears):
+                    _block_update(plan, i, prefix, layer, linears, None, captured, targets, state, phases)
             _propagate(layer, captured, i, device, compute)
         else:
             with ExpertRouting(layer, prefix, linears) as routing:
                 layer_linears = _prune_layer(plan, i, prefix, layer, linears, constraints[i], captured, state,
-                                             phases, routing)
+                                             phases, routing, targets)
         for entry in layer_linears:  # an expert's index in the source model, where experts were removed
             if "expert" in entry and entry["name"].rsplit(".", 2)[0] in kept:
                 entry["source_expert"] = kept[entry["name"].rsplit(".", 2)[0]][entry["expert"]]
@@ -253,6 +264,18 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
 
 
 @torch.no_grad()
+def _dense_targets(plan: _Plan, layer, captured: Captured, state: RunState, i: int) -> list[torch.Tensor]:
+    """The layer's outputs before it is cut or pruned: on the dense model's stream, which moves past it
+    (``--block-target model``), or on the pruned stream (``layer``)."""
+    view = captured if state.dense_stream is None else Captured(state.dense_stream, captured.layer_args)
+    out = [call_layer(layer, h, a, kw).to(plan.store) for _, h, a, kw in layer_inputs(view, i, plan.device,
+                                                                                       plan.compute)]
+    if state.dense_stream is not None:
+        state.dense_stream = out
+    return out
+
+
+@torch.no_grad()
 def _propagate(layer, captured: Captured, i: int, device, compute) -> None:
     for b, (_, hidden, args, kwargs) in enumerate(layer_inputs(captured, i, device, compute)):
         out = call_layer(layer, hidden, args, kwargs)
@@ -260,8 +283,10 @@ def _propagate(layer, captured: Captured, i: int, device, compute) -> None:
 
 
 def _prune_layer(plan: _Plan, i: int, prefix: str, layer, linears: dict, constraint: Constraint,
-                 captured: Captured, state: RunState, phases: dict, routing: ExpertRouting) -> list[dict]:
-    """Prune layer ``i`` (already on the device) and move ``captured`` and ``state`` past it."""
+                 captured: Captured, state: RunState, phases: dict, routing: ExpertRouting,
+                 given: list | None = None) -> list[dict]:
+    """Prune layer ``i`` (already on the device) and move ``captured`` and ``state`` past it. ``given``:
+    the block update's targets, taken before the layer was cut (``--structure``)."""
     spec, block = plan.spec, plan.block
     nbatches = len(captured.hidden)
     pruner = LayerPruner(linears, spec, constraint, plan.options, nbatches, plan.device, plan.error_tokens,
@@ -270,24 +295,24 @@ def _prune_layer(plan: _Plan, i: int, prefix: str, layer, linears: dict, constra
                          keep_dense=block is not None, group=plan.group,
                          error_from_hessian=plan.sequential == "linear", followers=state.followers, prefix=prefix)
     outputs: list[torch.Tensor | None] = [None] * nbatches
-    targets: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = given or []
     layer_passes = 0
 
     def inputs(view=captured):
         return layer_inputs(view, i, plan.device, plan.compute)
 
     with pruner:
-        if state.dense_stream is not None:  # the dense model's hidden state after this layer: the block's target
+        if state.dense_stream is not None and given is None:  # the dense model's state after this layer
             view = Captured(state.dense_stream, captured.layer_args)
             with pruner.paused():  # the dense layer on the dense stream: no statistics, no solving
                 state.dense_stream = [call_layer(layer, h, a, kw).to(plan.store) for _, h, a, kw in inputs(view)]
             targets = state.dense_stream
         if plan.needs_stats and plan.sequential == "layer":  # the reference way: all statistics from the dense layer
             passes, dense_out = collect(plan, layer, linears, pruner, routing, inputs, state, prefix,
-                                         block is not None and state.dense_stream is None)
+                                         block is not None and state.dense_stream is None and given is None)
             layer_passes += passes
             targets = dense_out or targets
-        elif block is not None and state.dense_stream is None:
+        elif block is not None and state.dense_stream is None and given is None:
             targets = [call_layer(layer, h, a, kw).to(plan.store) for _, h, a, kw in inputs()]
         if not plan.needs_stats or plan.sequential == "layer":
             pruner.solve_all()
@@ -326,14 +351,21 @@ def _prune_layer(plan: _Plan, i: int, prefix: str, layer, linears: dict, constra
     return layer_linears
 
 
-def _block_update(plan: _Plan, i: int, prefix: str, layer, linears: dict, pruner: LayerPruner, captured: Captured,
-                  targets: list, state: RunState, phases: dict) -> None:
-    """``--update block``: refit the kept weights of the pruned layer, masks frozen."""
+def _block_update(plan: _Plan, i: int, prefix: str, layer, linears: dict, pruner: LayerPruner | None,
+                  captured: Captured, targets: list, state: RunState, phases: dict) -> None:
+    """``--update block``: refit the kept weights of the pruned layer, masks frozen (``pruner`` None: a
+    layer only cut by ``--structure``, every kept weight free)."""
+    import contextlib
+
+    from ..model.structure import linear_shape
+
     block = plan.block
     tb = time.perf_counter()
-    with pruner.paused():
+    masks = pruner.masks if pruner is not None else {
+        name: torch.zeros(linear_shape(module), dtype=torch.bool) for name, module in linears.items()}
+    with pruner.paused() if pruner is not None else contextlib.nullcontext():
         info = reconstruct_block(
-            layer, linears, pruner.masks, [move(h, plan.store, plan.compute) for h in captured.hidden],
+            layer, linears, masks, [move(h, plan.store, plan.compute) for h in captured.hidden],
             [move(captured.layer_args[b][i], plan.store, plan.compute) for b in range(len(captured.hidden))],
             targets, plan.heldout or max(1, plan.nsamples // 8), epochs=int(block["epochs"]), lr=float(block["lr"]),
             batch_windows=int(block["batch_windows"]), seed=int(block.get("seed", 0)) + i, device=plan.device,
@@ -341,6 +373,7 @@ def _block_update(plan: _Plan, i: int, prefix: str, layer, linears: dict, pruner
     if plan.compute is not None:  # the trained weights, rounded to the stored dtype
         for param in {id(p): p for p in map(matrix_parameter, linears.values())}.values():
             param.data = param.data.to(plan.storage).to(plan.compute)
-    pruner.refresh()
+    if pruner is not None:
+        pruner.refresh()
     state.blocks.append({"layer": prefix, **info})
     phases["block_update"] = phases.get("block_update", 0.0) + time.perf_counter() - tb
