@@ -128,7 +128,7 @@ class Journal:
                 "dense_stream": dense, "reports": st["reports"], "notes": st["notes"], "passes": st["passes"],
                 "blocks": st["blocks"], "permutations": perms, "allocation": st.get("allocation"),
                 "followers": st.get("followers", {}), "experts_removed": st.get("experts_removed", []),
-                "structured": st.get("structured_stream")}
+                "structured": st.get("structured")}
 
     def layer(self, i: int) -> dict[str, torch.Tensor]:
         return _load(self.path(f"layer-{i:05d}.safetensors"))
@@ -151,7 +151,7 @@ class Journal:
                            "notes": state["notes"], "passes": state["passes"], "blocks": state["blocks"],
                            "allocation": state["allocation"], "followers": state.get("followers", {}),
                            "experts_removed": state.get("experts_removed", []),
-                           "structured_stream": state.get("structured"), **extra})
+                           "structured": state.get("structured"), **extra})
         self._write_state()
         if previous and previous != name and os.path.exists(self.path(previous)):
             os.remove(self.path(previous))

@@ -104,7 +104,7 @@ class Run:
         self.committed_at = time.monotonic()
         self.body: dict = {}
         self.structured: dict | None = None
-        self.remover = None  # --structure while streaming: the engine removes a layer's units as it goes
+        self.remover = None  # --structure: the engine removes a layer's units as it goes
 
     # -- journal
     def journal_new(self, journal: Journal, fp: dict) -> None:

@@ -18,7 +18,7 @@ from oneshot.masks import check_constraint
 from oneshot.model.experts import ExpertMatrix, ExpertRouting
 from oneshot.model.structure import block_coverage, find_decoder_layers, find_linears, get_weight
 from oneshot.solvers import SOLVERS
-from tiny import MOE_ARCHS, make_tiny_model
+from tiny import MOE_ARCHS, fail_after_first_layer, make_tiny_model
 
 EXPERTS = {"qwen2_moe": 8, "qwen3_moe": 8, "mixtral": 8, "gpt_oss": 8, "deepseek_v3": 8, "qwen3_next": 8, "jamba": 4}
 
@@ -329,20 +329,11 @@ def test_ignore_an_expert_keeps_it_dense_and_listed(moe, calib_txt):
 def test_resume_after_a_failure_with_experts_removed(load, tmp_path, calib_txt, monkeypatch):
     """A run that fails after its first layer is journaled resumes to the same bytes as one that
     never failed: the finished layer's experts are removed again before its tensors load."""
-    import oneshot.run as run_module
-
     src = make_tiny_model("qwen3_moe", str(tmp_path / "src"))
     options = dict(method="sparsegpt", sparsity=0.5, calib=calib_txt, nsamples=4, seqlen=32, progress=False,
                    remove_experts=0.25, load=load, journal_interval=0)
     prune(src, str(tmp_path / "ref"), **options)
-    original = run_module.Run._layer_done
-
-    def fail_after_first(self, i, layer, state):
-        original(self, i, layer, state)
-        if i == 0:
-            raise OneshotError("injected failure after layer 0")
-
-    monkeypatch.setattr(run_module.Run, "_layer_done", fail_after_first)
+    fail_after_first_layer(monkeypatch)
     with pytest.raises(OneshotError, match="injected"):
         prune(src, str(tmp_path / "out"), **options)
     monkeypatch.undo()

@@ -329,21 +329,6 @@ def test_mixture_of_experts_heads_and_expert_channels(tiny_factory, calib_txt, t
         assert torch.isfinite(model(input_ids=torch.arange(16).unsqueeze(0)).logits).all()
 
 
-def _fail_after_first_layer(monkeypatch):
-    import oneshot.run as run_module
-    from oneshot.errors import OneshotError
-
-    original = run_module.Run._layer_done
-
-    def fail_after_first(self, i, layer, state):
-        original(self, i, layer, state)
-        if i == 0:
-            raise OneshotError("injected failure after layer 0")
-
-    monkeypatch.setattr(run_module.Run, "_layer_done", fail_after_first)
-    return OneshotError
-
-
 def _middle_blocks_least_influential(monkeypatch):
     """Block Influence made to pick blocks 1 and 3 of 6, so the kept ones are renumbered."""
     import oneshot.structured.run as structured_run
@@ -359,14 +344,14 @@ def test_resume_finishes_byte_identical_with_blocks_gone_in_the_middle(load, cal
     layer's cut replayed to load its tensors), goes on, and writes the bytes of a run never stopped.
     Loaded whole and streamed give the same bytes, and the kept blocks are renumbered."""
     from oneshot import prune
-    from tiny import make_sharded_llama
+    from tiny import fail_after_first_layer, make_sharded_llama
 
     src = make_sharded_llama(str(tmp_path / "src"), layers=6)  # sharded bf16
     _middle_blocks_least_influential(monkeypatch)
     options = dict(method="sparsegpt", pattern="2:4", structure="heads,channels,blocks", remove=0.5, calib=calib_txt,
                    nsamples=4, seqlen=32, progress=False, journal_interval=0, load=load)
     prune(src, str(tmp_path / "ref"), **options)
-    error = _fail_after_first_layer(monkeypatch)
+    error = fail_after_first_layer(monkeypatch)
     with pytest.raises(error, match="injected"):
         prune(src, str(tmp_path / "out"), **options)
     monkeypatch.undo()  # Block Influence is not asked again: the journal has the blocks

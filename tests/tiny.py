@@ -144,3 +144,19 @@ def make_sharded_llama(directory: str, layers: int = 6, hidden: int = 128, dtype
     model.save_pretrained(directory, max_shard_size=max_shard_size)
     make_tokenizer().save_pretrained(directory)
     return directory
+
+
+def fail_after_first_layer(monkeypatch):
+    """Make a run fail once its first pruned layer is done (and journaled); returns the error class."""
+    import oneshot.run as run_module
+    from oneshot.errors import OneshotError
+
+    original = run_module.Run._layer_done
+
+    def fail_after_first(self, i, layer, state):
+        original(self, i, layer, state)
+        if i == 0:
+            raise OneshotError("injected failure after layer 0")
+
+    monkeypatch.setattr(run_module.Run, "_layer_done", fail_after_first)
+    return OneshotError

@@ -21,7 +21,7 @@ class RunState:
     allocation: dict | None = None  # --allocation owl: densities and per-layer sparsities
     followers: dict[str, list[str]] = field(default_factory=dict)  # joint-solve hint for the next layer
     experts_removed: list[dict] = field(default_factory=list)  # --remove-experts, per experts module
-    structured: dict | None = None  # --structure while streaming: what went so far (Remover.state())
+    structured: dict | None = None  # --structure: what went so far (Remover.state())
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
