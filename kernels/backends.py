@@ -1,97 +1,50 @@
-"""``sparse_linear(x, packed, bias, backend)``: one call, several ways to compute a 2:4 linear.
+"""``sparse_linear(x, weight, bias, backend)``: one call, several ways to compute a sparse linear.
 
-| backend | where | how |
-|---|---|---|
-| ``dense`` | any | the decompressed weight through ``F.linear`` (cuBLAS on GPU): the comparison and fallback |
-| ``reference`` | any | fp32 ``F.linear`` of the decompressed weight, cast back: the ground truth |
-| ``cutlass`` | CUDA | PyTorch's semi-structured tensor, CUTLASS kernels, built from the packed form directly |
-| ``cusparselt`` | CUDA | cuSPARSELt through ``torch._cslt_sparse_mm``, its algorithm searched per shape |
-| ``triton`` | CUDA, or CPU under ``TRITON_INTERPRET=1`` | our kernel for small M (``kernels.triton24``) |
-| ``auto`` | any | the tuning table's choice for (GPU, dtype, N, K, M), else a rule of thumb |
+``weight`` is a ``Packed24`` (2:4) or a ``Bitmask`` (any pattern; ``kernels.weights``).
 
-Backend-specific forms of a weight (the dense copy, the torch sparse tensor) are built once and
-cached on the ``Packed24`` object.
+| backend | weights | where | how |
+|---|---|---|---|
+| ``dense`` | both | any | the decompressed weight (cached) through ``F.linear`` (cuBLAS on GPU): comparison and fallback |
+| ``reference`` | both | any | fp32 ``F.linear`` of the decompressed weight, cast back: the ground truth |
+| ``cutlass`` | 2:4 | CUDA 8.x | PyTorch's semi-structured tensor, CUTLASS kernels, built from the packed form directly |
+| ``cusparselt`` | 2:4 | CUDA | cuSPARSELt through ``torch._cslt_sparse_mm``, its algorithm searched per shape |
+| ``triton`` | both | CUDA, or CPU under ``TRITON_INTERPRET=1`` | our decode kernel (``kernels.triton_sparse``) |
+| ``expand`` | both | as triton | the dense weight written by one Triton launch per call, then ``F.linear``: large M without a dense copy |
+| ``cpu`` | both | CPU | our AVX2 / AVX-512 kernels (``kernels.cpu``) |
+| ``auto`` | both | any | the tuning table's choice for (device, dtype, kind, N, K, M), else a rule of thumb |
+
+Backend-specific forms of a weight are built once and cached on the weight object.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .format24 import compress24, decompress24, to_cutlass
+from .weights import Bitmask, Packed24
+
+__all__ = ["BACKENDS", "Bitmask", "Packed24", "available", "choose", "pick", "sparse_linear", "tuning_table"]
 
 TUNING = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuning.json")
 
 
-@dataclass
-class Packed24:
-    """A 2:4 weight [N, K] in the canonical packed form, plus cached backend forms."""
-
-    values: torch.Tensor  # [N, K/2]
-    meta: torch.Tensor  # [N, ceil(K/8)] uint8
-    cache: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @classmethod
-    def from_dense(cls, weight: torch.Tensor) -> Packed24:
-        return cls(*compress24(weight))
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.values.shape[0], 2 * self.values.shape[1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    def nbytes(self) -> int:
-        return self.values.numel() * self.values.element_size() + self.meta.numel()
-
-    def to(self, device) -> Packed24:
-        return Packed24(self.values.to(device), self.meta.to(device))
-
-    def dense(self) -> torch.Tensor:
-        if "dense" not in self.cache:
-            self.cache["dense"] = decompress24(self.values, self.meta)
-        return self.cache["dense"]
-
-    def torch_sparse(self, backend: str):
-        """The weight as ``torch.sparse.SparseSemiStructuredTensor`` for ``cutlass`` or ``cusparselt``."""
-        if backend not in self.cache:
-            from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
-
-            if backend == "cutlass":
-                packed, meta = to_cutlass(self.values, self.meta)
-                self.cache[backend] = SparseSemiStructuredTensorCUTLASS(
-                    torch.Size(self.shape), packed=packed, meta=meta, packed_t=None, meta_t=None,
-                    compressed_swizzled_bitmask=None)
-            else:  # cuSPARSELt compresses into its own opaque layout
-                self.cache[backend] = SparseSemiStructuredTensorCUSPARSELT.from_dense(decompress24(self.values,
-                                                                                                   self.meta))
-        return self.cache[backend]
+def _dense(x, weight, bias, config=None):
+    return F.linear(x, weight.dense(), bias)
 
 
-def _dense(x, packed, bias):
-    return F.linear(x, packed.dense(), bias)
-
-
-def _reference(x, packed, bias):
-    out = F.linear(x.float(), packed.dense().float(), None if bias is None else bias.float())
+def _reference(x, weight, bias, config=None):
+    out = F.linear(x.float(), weight.dense().float(), None if bias is None else bias.float())
     return out.to(x.dtype)
 
 
 def _torch_sparse(backend):
-    def run(x, packed, bias):
-        weight = packed.torch_sparse(backend)
+    def run(x, weight, bias, config=None):
+        sparse = weight.torch_sparse(backend)
         x2 = x.reshape(-1, x.shape[-1])
-        out = F.linear(x2, weight, bias)
+        out = F.linear(x2, sparse, bias)
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     return run
@@ -100,25 +53,27 @@ def _torch_sparse(backend):
 _CSLT_ALGS: dict = {}  # (N, K, dtype, M bucket) -> the algorithm cuSPARSELt's search found fastest
 
 
-def _cusparselt(x, packed, bias):
+def _cusparselt(x, weight, bias, config=None):
     """cuSPARSELt. bfloat16: ``torch._cslt_sparse_mm`` on the compressed weight with the algorithm
     ``torch._cslt_sparse_mm_search`` finds fastest, searched once per (shape, power-of-two M bucket)
     for the whole process. torch's own semi-structured ``F.linear`` path uses the default algorithm:
     on an H200 that kernel is 0.73-0.96x dense at M = 16384 where the searched one is 1.42-1.58x
     (benchmarks/kernels/sweep.py). float16: torch's path, because the search fails inside cuSPARSELt
     0.8 for float16 on the H200 ("internal error", and the CUDA context is lost with it)."""
-    if packed.dtype != torch.bfloat16:
-        return _torch_sparse("cusparselt")(x, packed, bias)
+    if weight.dtype != torch.bfloat16:
+        return _torch_sparse("cusparselt")(x, weight, bias)
     x2 = x.reshape(-1, x.shape[-1])
     m = x2.shape[0]
     pad = -m % 16  # cuSPARSELt refuses a 1-row dense operand; 16 rows is what the search was run at
     if pad:
         x2 = F.pad(x2, (0, 0, 0, pad))
-    compressed = packed.cache.get("cslt")
+    compressed = weight.cache.get("cslt")
     if compressed is None:
-        # from a temporary dense copy: caching it (packed.dense()) would hold the whole dense model too
-        compressed = packed.cache["cslt"] = torch._cslt_compress(decompress24(packed.values, packed.meta))
-    key = (*packed.shape, packed.dtype, 1 << max(0, (m + pad - 1).bit_length()))
+        from .format24 import decompress24
+
+        # from a temporary dense copy: caching it (weight.dense()) would hold the whole dense model too
+        compressed = weight.cache["cslt"] = torch._cslt_compress(decompress24(weight.values, weight.meta))
+    key = (*weight.shape, weight.dtype, 1 << max(0, (m + pad - 1).bit_length()))
     if key not in _CSLT_ALGS:
         found = torch._cslt_sparse_mm_search(compressed, x2.t(), transpose_result=True)
         _CSLT_ALGS[key] = int(found[0] if isinstance(found, (tuple, list)) else found)
@@ -130,41 +85,70 @@ def _cusparselt(x, packed, bias):
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def _triton(x, packed, bias):
-    from .triton24 import sparse24_linear
+def triton_parts(weight) -> tuple[int, tuple]:
+    """(format code, parts) for ``kernels.triton_sparse``."""
+    from .triton_sparse import FORMAT_24, FORMAT_BITMASK, GROUP
 
-    return sparse24_linear(x, packed.values, packed.meta, bias)
-
-
-def _cuda_16bit(x, packed) -> bool:
-    return x.is_cuda and packed.dtype in (torch.float16, torch.bfloat16)
-
-
-def _triton_ok(x, packed) -> bool:
-    from .triton24 import supports
-
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return supports(x, packed.values) and (x.is_cuda or (interpreted and not x.is_cuda))
+    if isinstance(weight, Packed24):
+        return FORMAT_24, (weight.values, weight.meta)
+    return FORMAT_BITMASK, (weight.values, weight.mask, weight.offsets(GROUP))
 
 
-def _torch_sparse_ok(x, packed) -> bool:
-    n, k = packed.shape
-    return _cuda_16bit(x, packed) and n % 32 == 0 and k % 64 == 0
+def _triton(x, weight, bias, config=None):
+    from .triton_sparse import Config, sparse_mm
+
+    if isinstance(config, str):
+        config = Config.from_key(config)
+    fmt, parts = triton_parts(weight)
+    return sparse_mm(x, fmt, parts, *weight.shape, bias, config)
 
 
-def _cutlass_ok(x, packed) -> bool:
+def _expand(x, weight, bias, config=None):
+    from .triton_sparse import expand
+
+    fmt, parts = triton_parts(weight)
+    return F.linear(x, expand(fmt, parts, *weight.shape), bias)
+
+
+def _cpu(x, weight, bias, config=None):
+    from .cpu import cpu_linear
+
+    return cpu_linear(x, weight, bias)
+
+
+def _cuda_16bit(x, weight) -> bool:
+    return x.is_cuda and weight.dtype in (torch.float16, torch.bfloat16)
+
+
+def _triton_ok(x, weight) -> bool:
+    from .triton_sparse import HAVE_TRITON, interpreted
+
+    if not HAVE_TRITON or x.dtype != weight.dtype or weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    if isinstance(weight, Packed24) and weight.shape[1] % 4:
+        return False
+    return x.is_cuda or (interpreted() and not x.is_cuda)
+
+
+def _torch_sparse_ok(x, weight) -> bool:
+    if not isinstance(weight, Packed24):
+        return False
+    n, k = weight.shape
+    return _cuda_16bit(x, weight) and n % 32 == 0 and k % 64 == 0
+
+
+def _cutlass_ok(x, weight) -> bool:
     """PyTorch's CUTLASS semi-structured kernels run on compute capability 8.x only (Ampere, Ada): on
     Hopper (H100, H200) torch raises "Supported only on GPUs with compute capability 8.x"."""
-    return _torch_sparse_ok(x, packed) and torch.cuda.get_device_capability(x.device)[0] == 8
+    return _torch_sparse_ok(x, weight) and torch.cuda.get_device_capability(x.device)[0] == 8
 
 
-BACKENDS = {
-    "dense": (_dense, lambda x, p: True),
-    "reference": (_reference, lambda x, p: True),
-    "cutlass": (_torch_sparse("cutlass"), _cutlass_ok),
-    "cusparselt": (_cusparselt, lambda x, p: _torch_sparse_ok(x, p) and _has_cusparselt()),
-    "triton": (_triton, _triton_ok),
-}
+def _cpu_ok(x, weight) -> bool:
+    if x.is_cuda or weight.device.type != "cpu":
+        return False
+    from .cpu import supports
+
+    return supports(x, weight)
 
 
 def _has_cusparselt() -> bool:
@@ -174,15 +158,27 @@ def _has_cusparselt() -> bool:
         return False
 
 
-def available(x: torch.Tensor, packed: Packed24) -> list[str]:
-    return [name for name, (_, ok) in BACKENDS.items() if ok(x, packed)]
+BACKENDS = {
+    "dense": (_dense, lambda x, w: True),
+    "reference": (_reference, lambda x, w: True),
+    "cutlass": (_torch_sparse("cutlass"), _cutlass_ok),
+    "cusparselt": (_cusparselt, lambda x, w: _torch_sparse_ok(x, w) and _has_cusparselt()),
+    "triton": (_triton, _triton_ok),
+    "expand": (_expand, _triton_ok),
+    "cpu": (_cpu, _cpu_ok),
+}
+
+
+def available(x: torch.Tensor, weight) -> list[str]:
+    return [name for name, (_, ok) in BACKENDS.items() if ok(x, weight)]
 
 
 _TABLE: dict | None = None
 
 
 def tuning_table() -> dict:
-    """{gpu name: {dtype: {"NxK": {M: backend}}}}, written by benchmarks/kernels/gemm.py --write-tuning."""
+    """{device name: {table key: {"NxK": {M: choice}}}}, written by benchmarks/gpu_check.py (GPUs) and
+    benchmarks/cpu_kernels.py (CPUs). A choice is a backend name, or ``triton:<config key>``."""
     global _TABLE
     if _TABLE is None:
         try:
@@ -193,42 +189,68 @@ def tuning_table() -> dict:
     return _TABLE
 
 
-def pick(by_shape: dict, shape: tuple[int, int], m: int, ok: list[str]) -> str:
-    """The backend for an [N, K] weight at M tokens from one GPU and dtype's tuning table
-    ({"NxK": {M: backend}}): the nearest tuned M at or above this M (above the largest, the
-    largest's); dense for a shape the table lacks when the table has others (on the one GPU
-    measured so far, dense wins most shapes); with no table, triton for M <= 64, else cuSPARSELt."""
+def table_key(dtype: torch.dtype, kind: str) -> str:
+    """The table a weight's choices live in: the dtype's name for 2:4 (``bfloat16``), ``bfloat16/bitmask``."""
+    name = str(dtype).split(".")[-1]
+    return name if kind == "2:4" else f"{name}/{kind}"
+
+
+def _name(choice: str) -> str:
+    return choice.split(":", 1)[0]
+
+
+def pick(by_shape: dict, shape: tuple[int, int], m: int, ok: list[str], kind: str = "2:4") -> str:
+    """The choice for an [N, K] weight at M tokens from one device and table key's tuning table
+    ({"NxK": {M: choice}}): the nearest tuned M at or above this M (above the largest, the largest's);
+    dense for a shape the table lacks when the table has others; with no table, the rule of thumb:
+    triton for M <= 64, then cuSPARSELt (2:4) or expand (bitmask)."""
     tuned = by_shape.get(f"{shape[0]}x{shape[1]}", {})
     buckets = sorted(int(b) for b in tuned)
     for bucket in buckets:
-        if m <= bucket and tuned[str(bucket)] in ok:
+        if m <= bucket and _name(tuned[str(bucket)]) in ok:
             return tuned[str(bucket)]
     if buckets:
-        return tuned[str(buckets[-1])] if tuned[str(buckets[-1])] in ok else "dense"
+        last = tuned[str(buckets[-1])]
+        return last if _name(last) in ok else "dense"
     if by_shape:
         return "dense"
-    for name in (("triton",) if m <= 64 else ()) + ("cusparselt", "cutlass"):
+    large = ("cusparselt", "cutlass") if kind == "2:4" else ("expand",)
+    for name in (("triton",) if m <= 64 else ()) + large:
         if name in ok:
             return name
     return "dense"
 
 
-def choose(x: torch.Tensor, packed: Packed24) -> str:
-    """``auto``: :func:`pick` with this GPU's tuning table for the weight's dtype; dense on CPU."""
-    if not x.is_cuda:
-        return "dense"
-    by_shape = tuning_table().get(torch.cuda.get_device_name(x.device), {}).get(str(packed.dtype).split(".")[-1], {})
-    return pick(by_shape, packed.shape, x.numel() // x.shape[-1], available(x, packed))
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from .cpu import cpu_name
+
+    return cpu_name()
 
 
-def sparse_linear(x: torch.Tensor, packed: Packed24, bias: torch.Tensor | None = None,
-                  backend: str = "auto") -> torch.Tensor:
-    """y = x · Wᵀ (+ bias) for a 2:4 weight W held as ``packed``; x [..., K] -> y [..., N]."""
+def choose(x: torch.Tensor, weight) -> str:
+    """``auto``: :func:`pick` with this device's tuning table for the weight's dtype and kind; on a CPU,
+    the table measured on this CPU model, else ``cpu`` where our CPU kernels run, else dense."""
+    ok = available(x, weight)
+    m = x.numel() // x.shape[-1]
+    by_shape = tuning_table().get(device_name(x.device), {}).get(table_key(weight.dtype, weight.kind), {})
+    if x.is_cuda or f"{weight.shape[0]}x{weight.shape[1]}" in by_shape:
+        return pick(by_shape, weight.shape, m, ok, weight.kind)
+    return "cpu" if "cpu" in ok and m <= 16 else "dense"
+
+
+def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, backend: str = "auto",
+                  config=None) -> torch.Tensor:
+    """y = x · Wᵀ (+ bias) for a sparse weight W (``Packed24`` or ``Bitmask``); x [..., K] -> y [..., N].
+    ``backend`` may carry a Triton variant as ``triton:<config key>``; ``config`` overrides it."""
     if backend == "auto":
-        backend = choose(x, packed)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of: auto, {', '.join(BACKENDS)}")
-    fn, ok = BACKENDS[backend]
-    if not ok(x, packed):
-        raise ValueError(f"backend {backend!r} cannot run this case ({x.device}, {packed.dtype}, {packed.shape})")
-    return fn(x, packed, bias)
+        backend = choose(x, weight)
+    name, _, key = backend.partition(":")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
+    fn, ok = BACKENDS[name]
+    if not ok(x, weight):
+        raise ValueError(f"backend {name!r} cannot run this case ({x.device}, {x.dtype} x, {weight.kind} "
+                         f"{weight.dtype} weight {weight.shape})")
+    return fn(x, weight, bias, config or key or None)

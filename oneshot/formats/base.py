@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.formatbm import entries, pack_bits, unpack_bits  # noqa: F401  (kernels decide the bit order)
+
 FORMATS: dict[str, Format] = {}
 
 
@@ -39,22 +41,3 @@ class Format:
         """Bytes of ``encode(weight)`` (formats override this with arithmetic)."""
         return sum(t.numel() * t.element_size() for t in self.encode(weight).values())
 
-
-def entries(weight: torch.Tensor) -> torch.Tensor:
-    """True where an entry is anything but +0.0 (-0.0 is kept, so round trips are bit-exact)."""
-    return (weight != 0) | torch.signbit(weight)
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """[rows, cols] bool -> [rows, ceil(cols/8)] uint8, column j in bit j % 8 of byte j // 8."""
-    rows, cols = mask.shape
-    padded = torch.zeros(rows, -(-cols // 8) * 8, dtype=torch.uint8, device=mask.device)
-    padded[:, :cols] = mask.to(torch.uint8)
-    weights = (1 << torch.arange(8, device=mask.device)).to(torch.uint8)
-    return (padded.reshape(rows, -1, 8) * weights).sum(-1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    shifts = torch.arange(8, device=packed.device).to(torch.uint8)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(packed.shape[0], -1)[:, :cols].bool()

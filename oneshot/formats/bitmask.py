@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Format, entries, pack_bits, register, unpack_bits
+from ..kernels.formatbm import bitmask_nbytes, compress_bitmask, decompress_bitmask, entries
+from .base import Format, register
 
 
 @register
@@ -13,23 +14,14 @@ class Bitmask(Format):
     summary = "kept values + 1 bit per weight (any pattern)"
 
     def encode(self, weight):
-        kept = entries(weight)
-        return {
-            "values": weight[kept].contiguous(),
-            "mask": pack_bits(kept),
-            "shape": torch.tensor(list(weight.shape), dtype=torch.int64),
-        }
+        values, mask = compress_bitmask(weight)
+        return {"values": values, "mask": mask, "shape": torch.tensor(list(weight.shape), dtype=torch.int64)}
 
     def decode(self, parts):
-        rows, cols = (int(v) for v in parts["shape"])
-        kept = unpack_bits(parts["mask"], cols)
-        dense = torch.zeros(rows, cols, dtype=parts["values"].dtype, device=parts["values"].device)
-        dense[kept] = parts["values"]
-        return dense
+        return decompress_bitmask(parts["values"], parts["mask"], parts["shape"].tolist())
 
     def parts(self):
         return ("values", "mask", "shape")
 
     def nbytes(self, weight):
-        rows, cols = weight.shape
-        return int(entries(weight).sum()) * weight.element_size() + rows * (-(-cols // 8)) + 16
+        return bitmask_nbytes(int(entries(weight).sum()), *weight.shape, weight.element_size()) + 16
