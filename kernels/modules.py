@@ -14,7 +14,7 @@ from torch import nn
 from .backends import sparse_linear
 from .format24 import is_24
 from .formatbm import entries
-from .weights import Bitmask, Packed24, from_dense
+from .weights import Bitmask, DenseWeight, Packed24, from_dense, from_parts
 
 
 class SparseLinear(nn.Module):
@@ -22,7 +22,7 @@ class SparseLinear(nn.Module):
     backend. ``input_perm``: the layer's inputs are read in this order first (RIA's channel
     permutation, which the stored matrix was pruned and packed in)."""
 
-    def __init__(self, weight: Packed24 | Bitmask, bias: torch.Tensor | None = None, backend: str = "auto",
+    def __init__(self, weight: Packed24 | Bitmask | DenseWeight, bias: torch.Tensor | None = None, backend: str = "auto",
                  input_perm: torch.Tensor | None = None):
         super().__init__()
         self.kind = weight.kind
@@ -44,19 +44,16 @@ class SparseLinear(nn.Module):
         return cls(from_dense(weight.contiguous(), kind), bias, backend)
 
     @property
-    def packed(self) -> Packed24 | Bitmask:
+    def packed(self) -> Packed24 | Bitmask | DenseWeight:
         """The weight object the backends read (rebuilt, with an empty cache, after ``.to(device)``)."""
         parts = {name: getattr(self, name) for name in self._parts}
         if any(getattr(self._weight, name) is not tensor for name, tensor in parts.items()):
-            if self.kind == "2:4":
-                self._weight = Packed24(parts["values"], parts["meta"])
-            else:
-                self._weight = Bitmask(parts["values"], parts["mask"], (self.out_features, self.in_features))
+            self._weight = from_parts(self.kind, parts, (self.out_features, self.in_features))
         return self._weight
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.values.dtype
+        return self.packed.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_perm is not None:
@@ -64,7 +61,7 @@ class SparseLinear(nn.Module):
         return sparse_linear(x, self.packed, self.bias, self.backend)
 
     def extra_repr(self) -> str:
-        extra = f", sparsity={self.packed.sparsity:.3f}" if self.kind == "bitmask" else ""
+        extra = f", sparsity={self.packed.sparsity:.3f}" if self.kind != "2:4" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.kind}{extra}, "
                 f"backend={self.backend}")
 

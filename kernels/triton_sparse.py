@@ -115,7 +115,7 @@ if HAVE_TRITON:
                           FORMAT: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           SPLIT: tl.constexpr, USE_DOT: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr,
-                          IEEE: tl.constexpr):
+                          IEEE: tl.constexpr, UPCAST: tl.constexpr = False):
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
         pid_m = tl.program_id(2)
@@ -134,7 +134,9 @@ if HAVE_TRITON:
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
             if USE_DOT:
-                if IEEE:
+                if UPCAST:  # the Triton 3.9 interpreter's bf16 tl.dot returns garbage: the same dot in fp32
+                    acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+                elif IEEE:
                     acc += tl.dot(x, tl.trans(w), input_precision="ieee")
                 else:
                     acc += tl.dot(x, tl.trans(w))
@@ -207,9 +209,11 @@ def default_config(fmt: int, n: int, k: int, m: int, sms: int = 132) -> Config:
     until there are about four programs per multiprocessor."""
     use_dot = m > 4
     block_n = 32 if use_dot else 16
-    block_k = 256 if k >= 256 else GROUP * max(1, -(-k // GROUP))
+    if interpreted():  # the interpreter runs programs one after another: fewer, wider ones (tests pin tiles)
+        block_n = max(block_n, min(64, triton.next_power_of_2(n)))
+    block_k = 256 if k >= 256 else max(GROUP, triton.next_power_of_2(k))
     if not use_dot:
-        block_k = min(block_k, FMA_ELEMENTS // (block_n * block_m_for(m, False)))
+        block_k = max(GROUP, min(block_k, FMA_ELEMENTS // (block_n * block_m_for(m, False))))
     return Config(block_n, block_k, auto_split(n, k, block_n, block_k, sms), use_dot, 4, 3, "kernel")
 
 
@@ -261,6 +265,9 @@ def _locks(device: torch.device, count: int) -> torch.Tensor:
 
 
 def check_config(config: Config, k: int) -> None:
+    for name, size in (("BLOCK_N", config.block_n), ("BLOCK_K", config.block_k)):
+        if size & (size - 1):
+            raise ValueError(f"{name} {size} must be a power of two")
     if config.block_k % GROUP or config.block_k < GROUP:
         raise ValueError(f"BLOCK_K {config.block_k} must be a multiple of {GROUP}")
     if config.use_dot and config.block_n < 16:
@@ -319,6 +326,7 @@ def sparse_mm(x: torch.Tensor, fmt: int, parts: tuple, n: int, k: int, bias: tor
                             FORMAT=fmt, GROUP=GROUP, HAS_BIAS=bias is not None, BLOCK_M=block_m,
                             BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT=split > 1, USE_DOT=config.use_dot,
                             REDUCE_IN_KERNEL=in_kernel, IEEE=x.dtype == torch.float32,
+                            UPCAST=interpreted() and x.dtype == torch.bfloat16,
                             num_warps=config.num_warps, num_stages=config.num_stages)
     if split > 1 and not in_kernel:
         block = 1024
@@ -352,7 +360,7 @@ def compile_report(fmt: int, config: Config, block_m: int, capability: int = 90,
 
     constexprs = {"FORMAT": fmt, "GROUP": GROUP, "HAS_BIAS": False, "BLOCK_M": block_m, "BLOCK_N": config.block_n,
                   "BLOCK_K": config.block_k, "SPLIT": config.split_k > 1, "USE_DOT": config.use_dot,
-                  "REDUCE_IN_KERNEL": config.split_k > 1 and config.reduce == "kernel", "IEEE": False}
+                  "REDUCE_IN_KERNEL": config.split_k > 1 and config.reduce == "kernel", "IEEE": False, "UPCAST": False}
     signature = {**_signature(fmt, dtype), **{name: "constexpr" for name in constexprs}}
     source = ASTSource(fn=_sparse_mm_kernel, signature=signature, constexprs=constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),

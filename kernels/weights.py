@@ -126,10 +126,61 @@ class Bitmask:
         return self.cache[key]
 
 
-def from_dense(weight: torch.Tensor, kind: str) -> Packed24 | Bitmask:
-    """``kind`` "2:4" or "bitmask"."""
-    if kind == "2:4":
-        return Packed24.from_dense(weight)
+@dataclass
+class DenseWeight:
+    """A dense weight [N, K] with the same interface, for this project's dense CPU kernel (a pruned layer
+    of a ``--format dense`` output, or any linear)."""
+
+    weight: torch.Tensor
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    kind = "dense"
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor) -> DenseWeight:
+        return cls(weight.contiguous())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - float((self.weight != 0).float().mean())
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight}
+
+    def to(self, device) -> DenseWeight:
+        return DenseWeight(self.weight.to(device))
+
+    def dense(self) -> torch.Tensor:
+        return self.weight
+
+
+KINDS = {"2:4": Packed24, "bitmask": Bitmask, "dense": DenseWeight}
+
+
+def from_dense(weight: torch.Tensor, kind: str) -> Packed24 | Bitmask | DenseWeight:
+    """``kind`` "2:4", "bitmask" or "dense"."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown weight kind {kind!r}; choose one of: {', '.join(KINDS)}")
+    return KINDS[kind].from_dense(weight)
+
+
+def from_parts(kind: str, parts: dict[str, torch.Tensor], shape: tuple[int, int]):
+    """The weight object of ``kind`` over these parts (as ``parts()`` returned them)."""
     if kind == "bitmask":
-        return Bitmask.from_dense(weight)
-    raise ValueError(f"unknown sparse weight kind {kind!r}; choose 2:4 or bitmask")
+        return Bitmask(parts["values"], parts["mask"], shape)
+    return KINDS[kind](**parts)

@@ -313,17 +313,25 @@ def convert(directory: str, fmt: str, out: str | None = None, overwrite: bool = 
     return summary
 
 
-def load(directory: str, **kwargs):
+def load(directory: str, kernels: str | None = None, **kwargs):
     """A transformers model from a oneshot output in any format (``dense`` loads as transformers would).
 
-    Extra keywords go to ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``, ...).
+    ``kernels``: the pruned linears run ``oneshot.kernels`` backends (``"auto"``, ``"triton"``, ``"cpu"``,
+    ...) in the form the output stores them (``oneshot.formats.swap``). Extra keywords go to
+    ``AutoModelForCausalLM.from_pretrained`` (``dtype``, ``device_map``, ...).
     """
     from transformers import AutoModelForCausalLM
 
+    from .swap import check_kernels, swap
+
+    if kernels is not None:
+        check_kernels(kernels)
     sidecar = read_sidecar(directory)
     kwargs.setdefault("dtype", "auto")
-    if sidecar.get("format", "dense") == "dense":
-        return AutoModelForCausalLM.from_pretrained(directory, **kwargs).eval()
+    fmt = sidecar.get("format", "dense")
+    if fmt == "dense":
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs).eval()
+        return model if kernels is None else swap(model, {}, sidecar, read_permutations(directory), kernels)
     from transformers import AutoConfig
 
     config = kwargs.pop("config", None) or AutoConfig.from_pretrained(directory)
@@ -331,5 +339,6 @@ def load(directory: str, **kwargs):
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    model = model_class.from_pretrained(None, config=config, state_dict=load_state_dict(directory), **kwargs)
-    return model.eval()
+    perms, raw = read_permutations(directory), read_raw(directory, fmt)
+    model = model_class.from_pretrained(None, config=config, state_dict=decode(raw, sidecar, perms, fmt), **kwargs)
+    return model.eval() if kernels is None else swap(model.eval(), raw, sidecar, perms, kernels)
