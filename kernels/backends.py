@@ -4,12 +4,12 @@
 
 | backend | weights | where | how |
 |---|---|---|---|
-| ``dense`` | both | any | the decompressed weight (cached) through ``F.linear`` (cuBLAS on GPU): comparison and fallback |
+| ``dense`` | both | any | the decompressed weight (cached) through ``F.linear`` (cuBLAS): comparison, fallback |
 | ``reference`` | both | any | fp32 ``F.linear`` of the decompressed weight, cast back: the ground truth |
-| ``cutlass`` | 2:4 | CUDA 8.x | PyTorch's semi-structured tensor, CUTLASS kernels, built from the packed form directly |
+| ``cutlass`` | 2:4 | CUDA 8.x | PyTorch's semi-structured tensor (CUTLASS), built from the packed form directly |
 | ``cusparselt`` | 2:4 | CUDA | cuSPARSELt through ``torch._cslt_sparse_mm``, its algorithm searched per shape |
 | ``triton`` | both | CUDA, or CPU under ``TRITON_INTERPRET=1`` | our decode kernel (``kernels.triton_sparse``) |
-| ``expand`` | both | as triton | the dense weight written by one Triton launch per call, then ``F.linear``: large M without a dense copy |
+| ``expand`` | both | as triton | dense weight written by one Triton launch a call, then ``F.linear`` (no copy kept) |
 | ``cpu`` | both | CPU | our AVX2 / AVX-512 kernels (``kernels.cpu``) |
 | ``auto`` | both | any | the tuning table's choice for (device, dtype, kind, N, K, M), else a rule of thumb |
 

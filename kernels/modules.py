@@ -22,7 +22,8 @@ class SparseLinear(nn.Module):
     backend. ``input_perm``: the layer's inputs are read in this order first (RIA's channel
     permutation, which the stored matrix was pruned and packed in)."""
 
-    def __init__(self, weight: Packed24 | Bitmask | DenseWeight, bias: torch.Tensor | None = None, backend: str = "auto",
+    def __init__(self, weight: Packed24 | Bitmask | DenseWeight, bias: torch.Tensor | None = None,
+                 backend: str = "auto",
                  input_perm: torch.Tensor | None = None):
         super().__init__()
         self.kind = weight.kind

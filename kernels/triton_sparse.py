@@ -56,7 +56,8 @@ class Config:
 
     def key(self) -> str:
         dot = "dot" if self.use_dot else "fma"
-        return f"{dot}-n{self.block_n}-k{self.block_k}-s{self.split_k}-w{self.num_warps}-p{self.num_stages}-{self.reduce}"
+        tile = f"n{self.block_n}-k{self.block_k}-s{self.split_k}"
+        return f"{dot}-{tile}-w{self.num_warps}-p{self.num_stages}-{self.reduce}"
 
     @classmethod
     def from_key(cls, key: str) -> Config:

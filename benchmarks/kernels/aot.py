@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w", encoding="utf-8") as fh:
         json.dump({"triton": triton.__version__, "dtype": args.dtype, "rows": rows}, fh, indent=1)
-    print(f"{len(rows)} compiles in {time.time() - t0:.0f} s; {bad} with errors or spills over {SPILL_LIMIT} bytes; wrote {args.json}")
+    print(f"{len(rows)} compiles in {time.time() - t0:.0f} s; {bad} with errors or spills over {SPILL_LIMIT} bytes; "
+          f"wrote {args.json}")
     return 1 if bad else 0
 
 
