@@ -15,7 +15,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .backends import BACKENDS, Packed24, available, sparse_linear
+from .backends import BACKENDS, available, sparse_linear
+from .weights import Bitmask, Packed24
 
 M_SIZES = (1, 8, 16, 64, 256, 1024, 4096, 16384)
 
@@ -145,6 +146,18 @@ def random_24(n: int, k: int, dtype: torch.dtype, device, seed: int = 0,
     return torch.where(keep.reshape(n, k), weight, torch.zeros(())).to(dtype).to(device)
 
 
+def random_bitmask(n: int, k: int, sparsity: float, dtype: torch.dtype, device, seed: int = 0,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random [n, k] weight with exactly round(sparsity * k) entries of every row +0.0 (drawn on the CPU)."""
+    g = generator or torch.Generator(device="cpu").manual_seed(seed)
+    weight = torch.randn(n, k, generator=g)
+    weight = torch.where(weight == 0, torch.ones(()), weight)
+    pruned = int(round(sparsity * k))
+    if pruned:
+        weight.scatter_(1, torch.rand(n, k, generator=g).topk(pruned, dim=1).indices, 0.0)
+    return weight.to(dtype).to(device)
+
+
 def fastest_table(rows: list[dict]) -> dict:
     """The tuning table ``auto`` reads, from :func:`gemm_case` rows: {"NxK": {M: the fastest backend,
     or dense when none beats it}}."""
@@ -161,12 +174,18 @@ def fastest_table(rows: list[dict]) -> dict:
 
 
 def gemm_case(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, timer: Timer,
-              backends: list[str] | None = None, info: dict | None = None, seed: int = 0) -> list[dict]:
-    """Dense ``F.linear`` and every available 2:4 backend on one random 2:4 weight [n, k] and x [m, k]."""
+              backends: list[str] | None = None, info: dict | None = None, seed: int = 0,
+              kind: str = "2:4") -> list[dict]:
+    """Dense ``F.linear`` and every available sparse backend on one random weight [n, k] and x [m, k]:
+    2:4 (``kind="2:4"``) or bitmask at a sparsity (``kind="bitmask50"``, ``"bitmask70"``)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    weight = random_24(n, k, dtype, device, generator=g)
+    if kind == "2:4":
+        weight = random_24(n, k, dtype, device, generator=g)
+        packed = Packed24.from_dense(weight)
+    else:
+        weight = random_bitmask(n, k, int(kind.removeprefix("bitmask")) / 100, dtype, device, generator=g)
+        packed = Bitmask.from_dense(weight)
     x = torch.randn(m, k, generator=g).to(dtype).to(device)
-    packed = Packed24.from_dense(weight)
     names = [b for b in (backends or list(BACKENDS)) if b in available(x, packed) and b not in ("reference", "dense")]
     graph = device.type == "cuda" and m <= 64
     element = torch.tensor([], dtype=dtype).element_size()
@@ -176,7 +195,8 @@ def gemm_case(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, 
     dense_mode = timer.mode
     flops = 2 * m * n * k
     dense_bytes = gemm_bytes(m, n, k, element, packed=False)
-    sparse_bytes = gemm_bytes(m, n, k, element, packed=True)
+    sparse_bytes = gemm_bytes(m, n, k, element, packed=True) if kind == "2:4" else \
+        packed.nbytes() + (m * k + m * n) * element
     compute_bound = peak is not None and flops / (peak[0] * 1e12) > dense_bytes / (peak[1] * 1e9)
     ideal = 2.0 if compute_bound else dense_bytes / sparse_bytes
     for name in ["dense"] + names:
@@ -187,7 +207,7 @@ def gemm_case(m: int, n: int, k: int, dtype: torch.dtype, device: torch.device, 
             seconds = timer(lambda name=name: sparse_linear(x, packed, None, name), graph=graph)
             moved = sparse_bytes
         mode = dense_mode if name == "dense" else timer.mode
-        row = {"M": m, "N": n, "K": k, "dtype": str(dtype).split(".")[-1], "backend": name,
+        row = {"M": m, "N": n, "K": k, "dtype": str(dtype).split(".")[-1], "kind": kind, "backend": name,
                "latency_us": _sig(seconds * 1e6), "tflops": _sig(flops / seconds / 1e12),
                "gbps": _sig(moved / seconds / 1e9), "speedup": round(dense_s / seconds, 3), "timing": mode}
         if peak is not None:
@@ -242,26 +262,31 @@ def decode_step_seconds(model, device: torch.device, timer: Timer, batch: int, c
     """Seconds of one decode step (one new token for each of ``batch`` sequences with ``context``
     tokens in a static KV cache), and how it was timed: on a GPU the step is replayed as a CUDA graph
     (the host's per-layer launches would otherwise be most of a decode step), eager if the capture
-    fails or on a CPU."""
+    fails or on a CPU. Every call writes the same cache slot (``context``), so replays repeat exactly."""
     from transformers import StaticCache
+
+    from .decode import cache_kwargs, set_length
 
     vocab = model.config.vocab_size
     g = torch.Generator(device="cpu").manual_seed(batch)
-    length = context + 64  # room for every step the timer runs, were the cache to count them itself
+    length = context + 8
     cache = StaticCache(config=model.config, max_cache_len=length)
     prompt = torch.randint(vocab, (batch, context), generator=g).to(device)
+    span = torch.arange(length, device=device)
     with torch.no_grad():
-        model(input_ids=prompt, past_key_values=cache, use_cache=True,
-              cache_position=torch.arange(context, device=device))
+        model(input_ids=prompt, attention_mask=(span.view(1, -1) <= torch.arange(context, device=device).view(-1, 1))
+              .view(1, 1, context, length).expand(batch, 1, context, length),
+              **cache_kwargs(model, cache, torch.arange(context, device=device), batch))
     step = torch.randint(vocab, (batch, 1), generator=g).to(device)
     position = torch.tensor([context], device=device)
     # an explicit 4-D mask (True: attend) keeps the step free of host-side mask logic, so it can be captured
-    mask = (torch.arange(length, device=device) <= context).view(1, 1, 1, length).expand(batch, 1, 1, length)
+    mask = (span <= context).view(1, 1, 1, length).expand(batch, 1, 1, length)
+    kwargs = cache_kwargs(model, cache, position, batch)
 
     def run():
+        set_length(cache, context)  # a self-counting cache (transformers >= 5.25) writes slot `context` again
         with torch.no_grad():
-            model(input_ids=step, past_key_values=cache, cache_position=position, attention_mask=mask,
-                  position_ids=position.view(1, 1).expand(batch, 1), use_cache=True)
+            model(input_ids=step, attention_mask=mask, **kwargs)
 
     seconds = timer(run, graph=device.type == "cuda")
     return seconds, timer.mode

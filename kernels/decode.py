@@ -24,8 +24,15 @@ import torch
 PREFILL_BUCKETS = (16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
-def _forward_params(model) -> set:
-    return set(inspect.signature(type(model).forward).parameters)
+def cache_kwargs(model, cache, positions: torch.Tensor, batch: int) -> dict:
+    """The forward keywords that put ``positions`` of a ``batch`` into ``cache``, for either cache API of
+    transformers (``cache_position`` and ``past_key_values`` before 5.25; ``cache`` after)."""
+    params = set(inspect.signature(type(model).forward).parameters)
+    kwargs = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True,
+              "position_ids": positions.view(1, -1).expand(batch, -1)}
+    if "cache_position" in params:
+        kwargs["cache_position"] = positions
+    return kwargs
 
 
 def set_length(cache, length: int) -> None:
@@ -88,9 +95,6 @@ class GreedyDecoder:
         self.model, self.max_len, self.buckets = model, max_len, buckets
         self.device = next(model.parameters()).device
         self.graph = graph and self.device.type == "cuda"
-        params = _forward_params(model)
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.explicit_positions = "cache_position" in params
         self.StaticCache = StaticCache
         self.batch = None
         self.steps: dict = {}
@@ -107,12 +111,9 @@ class GreedyDecoder:
         self.step_mask = torch.zeros(batch, 1, 1, self.max_len, dtype=torch.bool, device=dev)
 
     def _run(self, ids, positions, mask, keep):
-        kwargs = {self.cache_kw: self.cache, "use_cache": True, "attention_mask": mask,
-                  "position_ids": positions.view(1, -1).expand(ids.shape[0], -1), "logits_to_keep": keep}
-        if self.explicit_positions:
-            kwargs["cache_position"] = positions
+        kwargs = cache_kwargs(self.model, self.cache, positions, ids.shape[0])
         with torch.no_grad():
-            return self.model(input_ids=ids, **kwargs).logits
+            return self.model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, **kwargs).logits
 
     def _prefill(self, prompt: torch.Tensor) -> torch.Tensor:
         batch, length = prompt.shape
