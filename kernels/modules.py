@@ -67,7 +67,7 @@ class SparseLinear(nn.Module):
                 f"backend={self.backend}")
 
 
-def _linear_kinds() -> tuple:
+def linear_kinds() -> tuple:
     try:
         from transformers.pytorch_utils import Conv1D
 
@@ -97,7 +97,7 @@ def sparsify(model: nn.Module, backend: str = "auto", skip: tuple[str, ...] = ("
         raise ValueError(f"unknown kind {kind!r}; choose 2:4, bitmask or auto")
     replaced = []
     for name, module in list(model.named_modules()):
-        if not isinstance(module, _linear_kinds()) or any(name.endswith(s) for s in skip):
+        if not isinstance(module, linear_kinds()) or any(name.endswith(s) for s in skip):
             continue
         matrix = _weight_matrix(module).detach()
         chosen = None
@@ -118,7 +118,7 @@ def install(model: nn.Module, weights: dict[str, tuple], backend: str = "auto") 
     replaced = []
     for name, (weight, perm) in weights.items():
         module = model.get_submodule(name)
-        if not isinstance(module, _linear_kinds()):
+        if not isinstance(module, linear_kinds()):
             raise ValueError(f"{name} is a {type(module).__name__}, not a linear layer")
         bias = None if module.bias is None else module.bias.detach()
         device = module.weight.device

@@ -331,7 +331,9 @@ def load(directory: str, kernels: str | None = None, **kwargs):
     fmt = sidecar.get("format", "dense")
     if fmt == "dense":
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs).eval()
-        return model if kernels is None else swap(model, {}, sidecar, read_permutations(directory), kernels)
+        if kernels is None:
+            return model
+        return swap(model, {}, fmt, pruned_matrices(sidecar, read_permutations(directory)), kernels)
     from transformers import AutoConfig
 
     config = kwargs.pop("config", None) or AutoConfig.from_pretrained(directory)
@@ -341,4 +343,4 @@ def load(directory: str, kernels: str | None = None, **kwargs):
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     perms, raw = read_permutations(directory), read_raw(directory, fmt)
     model = model_class.from_pretrained(None, config=config, state_dict=decode(raw, sidecar, perms, fmt), **kwargs)
-    return model.eval() if kernels is None else swap(model.eval(), raw, sidecar, perms, kernels)
+    return model.eval() if kernels is None else swap(model.eval(), raw, fmt, pruned_matrices(sidecar, perms), kernels)

@@ -23,16 +23,15 @@ def check_kernels(kernels: str) -> None:
         raise OneshotError(f"unknown kernels={kernels!r}; choose one of: {', '.join(KERNELS)}")
 
 
-def sparse_weights(raw: dict, sidecar: dict, perms: dict, model) -> tuple[dict, dict]:
+def sparse_weights(raw: dict, fmt: str, matrices: dict, model) -> tuple[dict, dict]:
     """({module name: (weight object, input permutation or None)}, {name: why it stays as it is})
-    for every pruned matrix of the output, from the stored parts ``raw``."""
-    from ..kernels.modules import _linear_kinds
+    for every pruned matrix of the output (``matrices``: ``store.pruned_matrices``), from the stored
+    parts ``raw`` of format ``fmt``."""
+    from ..kernels.modules import linear_kinds
     from ..kernels.weights import Bitmask, DenseWeight, Packed24
-    from .store import pruned_matrices
 
-    fmt = sidecar.get("format", "dense")
     weights, kept = {}, {}
-    for name, (key, expert, layer, perm) in pruned_matrices(sidecar, perms).items():
+    for name, (key, expert, layer, perm) in matrices.items():
         if expert is not None or layer.get("tensor"):
             kept[name] = "an expert of a fused parameter, not a linear"
             continue
@@ -41,7 +40,7 @@ def sparse_weights(raw: dict, sidecar: dict, perms: dict, model) -> tuple[dict, 
         except AttributeError:
             kept[name] = "no such module in the loaded model"
             continue
-        if not isinstance(module, _linear_kinds()):
+        if not isinstance(module, linear_kinds()):
             kept[name] = f"a {type(module).__name__}, not a linear"
             continue
         if fmt == "packed24":
@@ -56,16 +55,15 @@ def sparse_weights(raw: dict, sidecar: dict, perms: dict, model) -> tuple[dict, 
     return weights, kept
 
 
-def swap(model, raw: dict, sidecar: dict, perms: dict, kernels: str):
+def swap(model, raw: dict, fmt: str, matrices: dict, kernels: str):
     """Replace the pruned linears of ``model`` (loaded from these parts) by ``SparseLinear``s that run
     ``kernels``; checks on the first one that the backend runs here and fails in one line if not."""
     from ..kernels.backends import BACKENDS
     from ..kernels.modules import install
 
     check_kernels(kernels)
-    fmt = sidecar.get("format", "dense")
     device = next(model.parameters()).device
-    weights, kept = sparse_weights(raw, sidecar, perms, model)
+    weights, kept = sparse_weights(raw, fmt, matrices, model)
     if fmt == "dense" and device.type != "cpu":
         kept.update({name: "a dense output on a GPU runs cuBLAS (convert to packed24 or bitmask for the sparse "
                            "kernels)" for name in weights})
