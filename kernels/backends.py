@@ -231,13 +231,18 @@ def device_name(device: torch.device) -> str:
 
 def choose(x: torch.Tensor, weight) -> str:
     """``auto``: :func:`pick` with this device's tuning table for the weight's dtype and kind; on a CPU,
-    the table measured on this CPU model, else ``cpu`` where our CPU kernels run, else dense."""
+    the table measured on this CPU model, else (M <= 16, our CPU kernels built) whichever of ``cpu`` and
+    dense measures faster for this shape here, timed once per process (``cpu.measured_choice``)."""
     ok = available(x, weight)
     m = x.numel() // x.shape[-1]
     by_shape = tuning_table().get(device_name(x.device), {}).get(table_key(weight.dtype, weight.kind), {})
     if x.is_cuda or f"{weight.shape[0]}x{weight.shape[1]}" in by_shape:
         return pick(by_shape, weight.shape, m, ok, weight.kind)
-    return "cpu" if "cpu" in ok and m <= 16 else "dense"
+    if "cpu" not in ok or m > 16:
+        return "dense"
+    from .cpu import measured_choice
+
+    return measured_choice(x, weight)
 
 
 def sparse_linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, backend: str = "auto",

@@ -65,7 +65,7 @@ def group_offsets(mask: torch.Tensor, cols: int, group: int) -> torch.Tensor:
     if group % 8:
         raise ValueError(f"the offset group ({group}) must be a multiple of 8 columns")
     rows = mask.shape[0]
-    per_byte = _POPCOUNT.to(mask.device)[mask.long()]  # [rows, bytes]
+    per_byte = POPCOUNT.to(mask.device)[mask.long()]  # [rows, bytes]
     groups = -(-cols // group)
     per_byte = torch.nn.functional.pad(per_byte, (0, groups * (group // 8) - per_byte.shape[1]))
     per_group = per_byte.reshape(rows, groups, group // 8).sum(-1)  # kept values in each group
@@ -75,7 +75,7 @@ def group_offsets(mask: torch.Tensor, cols: int, group: int) -> torch.Tensor:
     return starts.reshape(rows, groups).to(dtype).contiguous()
 
 
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 
 def bitmask_nbytes(nnz: int, rows: int, cols: int, element_size: int) -> int:

@@ -91,16 +91,17 @@ def sparsify(model: nn.Module, backend: str = "auto", skip: tuple[str, ...] = ("
     """Replace, in place, the linears (``nn.Linear`` or transformers' ``Conv1D``) of a loaded model by
     ``SparseLinear``s; returns the replaced names. ``kind``: "2:4" takes every linear whose weight is 2:4
     along its inputs; "bitmask" every linear with at least ``min_sparsity`` of its entries +0.0;
-    "auto" the first where it applies, else the second. Modules whose name ends with one of ``skip``
+    "auto" the first where it applies, else the second; "dense" every linear, as a ``DenseWeight`` (this
+    project's dense CPU kernel with ``backend="cpu"``). Modules whose name ends with one of ``skip``
     stay (the head, tied to the embeddings, is dense)."""
-    if kind not in ("2:4", "bitmask", "auto"):
-        raise ValueError(f"unknown kind {kind!r}; choose 2:4, bitmask or auto")
+    if kind not in ("2:4", "bitmask", "auto", "dense"):
+        raise ValueError(f"unknown kind {kind!r}; choose 2:4, bitmask, auto or dense")
     replaced = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, linear_kinds()) or any(name.endswith(s) for s in skip):
             continue
         matrix = _weight_matrix(module).detach()
-        chosen = None
+        chosen = "dense" if kind == "dense" else None
         if kind in ("2:4", "auto") and is_24(matrix):
             chosen = "2:4"
         elif kind in ("bitmask", "auto") and 1.0 - float(entries(matrix).float().mean()) >= min_sparsity:

@@ -30,6 +30,8 @@ def run_bench(spec: str, device: str = "auto", dtype: str = "auto", m_sizes=None
     if unknown:
         raise OneshotError(f"unknown backend(s): {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        return run_cpu_bench(spec, m_sizes, e2e, batches, decode_context, iters)
     model, _, kind = load_for_eval(spec, dtype)
     model.to(dev)
     info = device_info(dev)
@@ -57,7 +59,107 @@ def run_bench(spec: str, device: str = "auto", dtype: str = "auto", m_sizes=None
     return result
 
 
+def _cpu_variants(spec: str):
+    """(name, builder) of the loads timed on a CPU: plain bf16 and fp32 as transformers gives them, this
+    project's dense kernel on the pruned linears, and the sparse kernels on them (a oneshot output read
+    from its stored parts; any other model's linears that are 2:4, or at least 30% zeros)."""
+    import os
+
+    import torch
+
+    from .evaluate import load_for_eval
+    from .formats.store import SIDECAR
+    from .kernels import SparseLinear, install, sparsify
+    from .kernels.weights import DenseWeight
+    from .model.source import resolve_source
+
+    source = resolve_source(spec)
+    is_output = source.kind == "local" and os.path.isfile(os.path.join(source.path, SIDECAR))
+
+    def plain(dtype):
+        return lambda: load_for_eval(spec, dtype)[0]
+
+    def sparse():
+        if is_output:
+            from .formats import load
+
+            return load(source.path, kernels="cpu", dtype=torch.bfloat16)
+        model = plain("bfloat16")()
+        sparsify(model, backend="cpu", kind="auto")
+        return model
+
+    names: list[str] = []
+
+    def own_dense():
+        model = plain("bfloat16")()
+        install(model, {n: (DenseWeight(model.get_submodule(n).weight.detach().contiguous()), None) for n in names},
+                "cpu")
+        return model
+
+    def sparse_first():
+        model = sparse()
+        names.extend(n for n, m in model.named_modules() if isinstance(m, SparseLinear))
+        return model
+
+    return [("sparse kernels", sparse_first), ("torch bf16", plain("bfloat16")), ("torch fp32", plain("float32")),
+            ("dense kernel", own_dense)]
+
+
+def run_cpu_bench(spec: str, m_sizes=None, e2e: bool = True, batches=(1,), decode_context: int = 32,
+                  iters: int = 50) -> dict:
+    """``oneshot bench DIR --device cpu``: the per-shape GEMV table (torch fp32 and bf16, this project's
+    dense kernel, the sparse one at the model's own pattern) and decode tokens/s of each load, one process."""
+    import gc
+
+    import torch
+
+    from .kernels import SparseLinear, cpu
+    from .kernels.bench import device_info
+    from .kernels.cpu_bench import decode_tokens_per_s, gemv_rows, read_bandwidth
+
+    if cpu.build() is None:
+        raise OneshotError(f"the CPU kernels are not built here: {cpu.build_error()}")
+    result: dict = {"model": spec, "device": device_info(torch.device("cpu")),
+                    "cpu": {"name": cpu.cpu_name(), "flags": cpu.cpu_flags(), "path": cpu.isa_name(),
+                            "threads": torch.get_num_threads()}}
+    variants, decode, shapes, kinds = _cpu_variants(spec), {}, [], set()
+    for name, build in variants:
+        model = build()
+        if name == "sparse kernels":
+            layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+            if not layers:
+                raise OneshotError(f"{spec}: no pruned linears for the sparse kernels (2:4, or >= 30% zeros)")
+            result["dtype"] = str(layers[0].dtype).split(".")[-1]
+            result["sparse_linears"] = len(layers)
+            for m in layers:
+                if (m.out_features, m.in_features) not in shapes:
+                    shapes.append((m.out_features, m.in_features))
+                kinds.add("2:4" if m.kind == "2:4" else f"bitmask{round(100 * m.packed.sparsity)}")
+        if e2e:
+            decode[name] = {f"batch{b}": round(decode_tokens_per_s(model, max(3, iters // 5), decode_context, b), 2)
+                            for b in batches}
+        del model
+        gc.collect()
+    result["kinds"] = sorted(kinds)
+    result["bandwidth_gbps"] = round(read_bandwidth(), 1)
+    result["gemv"] = gemv_rows(shapes, tuple(m_sizes or (1, 4, 8)), tuple(sorted(kinds))[:3],
+                               iters=max(10, iters // 2))
+    if e2e:
+        result["decode_tokens_per_s"] = decode
+    return result
+
+
 def format_bench(result: dict) -> str:
+    if "cpu" in result:
+        from .kernels.cpu_bench import format_gemv
+
+        c = result["cpu"]
+        lines = [f"{result['model']} ({result.get('dtype', '?')}, {result.get('sparse_linears', 0)} sparse linears, "
+                 f"{', '.join(result['kinds'])}) on {c['name']}, {c['threads']} threads, path {c['path']}",
+                 f"flags: {' '.join(c['flags'])}", format_gemv(result["gemv"], result["bandwidth_gbps"])]
+        for name, by_batch in result.get("decode_tokens_per_s", {}).items():
+            lines.append(f"decode {name:<15}: " + ", ".join(f"{k} {v:.2f} tok/s" for k, v in by_batch.items()))
+        return "\n".join(lines)
     lines = [f"{result['model']} ({result['dtype']}) on {result['device'].get('name', result['device']['device'])}"]
     if "note" in result:
         lines.append(f"note: {result['note']}")

@@ -11,6 +11,8 @@ What was and was not swapped is recorded on the model as ``model.oneshot_kernels
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..errors import OneshotError
@@ -64,6 +66,15 @@ def swap(model, raw: dict, fmt: str, matrices: dict, kernels: str):
     check_kernels(kernels)
     device = next(model.parameters()).device
     weights, kept = sparse_weights(raw, fmt, matrices, model)
+    if kernels == "cpu" and device.type == "cpu":
+        from ..kernels import cpu
+
+        if cpu.build() is None:  # no compiler, a failed build, not x86-64: the model as transformers loads it
+            why = f"kernels='cpu' is unavailable here ({cpu.build_error()}); the pruned layers stay dense"
+            print(f"oneshot: {why}", file=sys.stderr)
+            kept.update({name: why for name in weights})
+            model.oneshot_kernels = {"kernels": kernels, "format": fmt, "replaced": 0, "kept": kept}
+            return model
     if fmt == "dense" and device.type != "cpu":
         kept.update({name: "a dense output on a GPU runs cuBLAS (convert to packed24 or bitmask for the sparse "
                            "kernels)" for name in weights})
