@@ -30,7 +30,7 @@ def run_bench(spec: str, device: str = "auto", dtype: str = "auto", m_sizes=None
     if unknown:
         raise OneshotError(f"unknown backend(s): {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
     dev = resolve_device(device)
-    if dev.type == "cpu":
+    if dev.type == "cpu" and not backends:
         return run_cpu_bench(spec, m_sizes, e2e, batches, decode_context, iters)
     model, _, kind = load_for_eval(spec, dtype)
     model.to(dev)
@@ -136,8 +136,8 @@ def run_cpu_bench(spec: str, m_sizes=None, e2e: bool = True, batches=(1,), decod
                     shapes.append((m.out_features, m.in_features))
                 kinds.add("2:4" if m.kind == "2:4" else f"bitmask{round(100 * m.packed.sparsity)}")
         if e2e:
-            decode[name] = {f"batch{b}": round(decode_tokens_per_s(model, max(3, iters // 5), decode_context, b), 2)
-                            for b in batches}
+            decode[name] = {f"batch{b}": round(decode_tokens_per_s({name: model}, max(3, iters // 5),
+                                                                   decode_context, b)[name], 2) for b in batches}
         del model
         gc.collect()
     result["kinds"] = sorted(kinds)

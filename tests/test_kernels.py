@@ -73,10 +73,10 @@ def test_cpu_backends_against_fp32_masked_linear(backend):
         assert torch.allclose(got.float(), want, rtol=2e-2, atol=2e-2)
 
 
-def test_auto_is_dense_on_cpu_and_bad_backends_fail():
+def test_auto_on_cpu_matches_dense_and_bad_backends_fail():
     packed = Packed24.from_dense(_random_24(64, 64, torch.float32))
     x = torch.randn(2, 64)
-    assert torch.allclose(sparse_linear(x, packed), F.linear(x, packed.dense()))
+    assert torch.allclose(sparse_linear(x, packed), F.linear(x, packed.dense()), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown backend"):
         sparse_linear(x, packed, backend="magic")
     if not CUDA:
@@ -297,7 +297,9 @@ def test_oneshot_bench_cli(tiny_factory, calib_txt, tmp_path, capsys):
     unstructured = tmp_path / "u"
     main(["prune", tiny_factory("llama"), "--calib", calib_txt, "--nsamples", "4", "--seqlen", "32",
           "--out", str(unstructured), "--quiet"])
-    assert main(["bench", str(unstructured), "--no-e2e"]) == 2
+    # the 2:4 backends harness (named --backends) refuses a model with no 2:4 layers; the CPU bench,
+    # which also runs bitmask, is tested in test_cpu_kernels
+    assert main(["bench", str(unstructured), "--no-e2e", "--backends", "reference"]) == 2
     assert "no 2:4 linear layers" in capsys.readouterr().err
     assert main(["bench", str(out), "--m", "0"]) == 2
 
