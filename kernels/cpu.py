@@ -95,11 +95,17 @@ def build_error() -> str | None:
 
 def isa() -> int:
     """The path the kernels take here: the CPU's best, or lower if ``ONESHOT_CPU_ISA`` says so."""
+    forced = os.environ.get("ONESHOT_CPU_ISA")
+    if "isa" in _STATE and _STATE["isa"][0] == forced:  # asked every call: the last answer, unless the env moved
+        return _STATE["isa"][1]
     module = build()
     if module is None:
         return -1
-    best = int(module.best_isa())
-    forced = os.environ.get("ONESHOT_CPU_ISA")
+    _STATE["isa"] = (forced, _isa(int(module.best_isa()), forced))
+    return _STATE["isa"][1]
+
+
+def _isa(best: int, forced: str | None) -> int:
     if forced:
         if forced not in ISAS:
             raise ValueError(f"ONESHOT_CPU_ISA={forced!r}; choose one of: {', '.join(ISAS)}")

@@ -129,10 +129,35 @@ def format_gemv(rows: list[dict], bandwidth: float | None = None) -> str:
     return "\n".join(lines)
 
 
-def decode_tokens_per_s(model, iters: int = 10, context: int = 32, batch: int = 1) -> float:
-    """Decode tokens/s at ``batch``: one step after ``context`` tokens in a static cache, median of ``iters``."""
-    from .bench import Timer, decode_step_seconds
+class _Capture:
+    """Stands in for a Timer: keeps the step ``decode_step_seconds`` would time, so several models' steps
+    can be timed interleaved."""
 
-    seconds, _ = decode_step_seconds(model, torch.device("cpu"), Timer(torch.device("cpu"), 5, 5 * iters),
-                                     batch, context)
-    return batch / seconds
+    mode = "eager"
+
+    def __init__(self):
+        self.step = None
+
+    def __call__(self, fn, graph: bool = False) -> float:
+        self.step = fn
+        return 1.0
+
+
+def decode_tokens_per_s(models: dict, iters: int = 10, context: int = 32, batch: int = 1) -> dict:
+    """{name: decode tokens/s at ``batch``} for several models timed in turn, one step each per round
+    (one new token after ``context`` tokens in a static cache), median of ``iters`` rounds after one."""
+    from .bench import decode_step_seconds
+
+    steps = {}
+    for name, model in models.items():
+        capture = _Capture()
+        decode_step_seconds(model, torch.device("cpu"), capture, batch, context)
+        steps[name] = capture.step
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for it in range(iters + 1):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step()
+            if it:
+                times[name].append(time.perf_counter() - t)
+    return {name: batch / statistics.median(v) for name, v in times.items()}

@@ -35,9 +35,11 @@ int64_t resolve(int64_t isa) {
 // x [M, K] -> fp32 [M, Kp] padded with zeros to a multiple of 32 columns
 torch::Tensor padded(const torch::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x must be [M, K]");
-  int64_t Kp = (K + 31) / 32 * 32;
-  auto out = torch::zeros({x.size(0), Kp}, x.options().dtype(torch::kFloat));
+  const int64_t Kp = (K + 31) / 32 * 32;
+  if (Kp == K && x.scalar_type() == torch::kFloat && x.is_contiguous()) return x;  // read as it is
+  auto out = torch::empty({x.size(0), Kp}, x.options().dtype(torch::kFloat));
   out.narrow(1, 0, K).copy_(x);
+  if (Kp > K) out.narrow(1, K, Kp - K).zero_();
   return out;
 }
 
