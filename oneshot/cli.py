@@ -169,18 +169,14 @@ def _eval_parser(sub) -> None:
 
 
 def _bench_parser(sub) -> None:
-    p = sub.add_parser("bench", help="sparse-kernel speed against dense: per-shape GEMMs and end to end",
-                       description="On a GPU: per-layer 2:4 GEMMs and end-to-end prefill/decode, dense against "
-                                   "each kernels backend. On a CPU: the GEMV table (torch fp32/bf16, this "
-                                   "project's dense and sparse CPU kernels) and decode tokens/s of each load; "
-                                   "with --backends, the GPU harness on the CPU (checks the harness only).")
+    p = sub.add_parser("bench", help="sparse-kernel speed against dense: per-shape GEMMs and end to end", description=(
+        "GPU: per-layer 2:4 GEMMs and end-to-end prefill/decode per kernels backend. CPU: the GEMV table and decode "
+        "tok/s of torch fp32/bf16 and our dense and sparse kernels (--backends: the GPU harness, checked only)."))
     p.add_argument("model", help="a 2:4 oneshot output (any format), or any model whose linears are 2:4")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float16, bfloat16, float32")
     p.add_argument("--m", default=None, help="token counts, comma-separated (default 1,8,16,64,256,1024,4096,16384)")
-    p.add_argument("--backends", default=None,
-                   help="comma list of kernels backends (default: every available one; on a CPU, naming any "
-                        "runs the GPU harness there)")
+    p.add_argument("--backends", default=None, help="comma list of kernels backends (default: every available one)")
     p.add_argument("--shapes", default="model", help="model (its own linear shapes), llama3-8b or llama3-70b")
     p.add_argument("--no-e2e", action="store_true", help="GEMMs only")
     p.add_argument("--prompt-len", type=int, default=512, help="end to end: prefill length (default 512)")
