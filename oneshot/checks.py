@@ -30,6 +30,36 @@ def check_out(out: str, need_bytes: int) -> None:
                            f"journal needs about {need_bytes / 1e9:.2f} GB; free some space or choose another --out")
 
 
+def _inside(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def check_not_source(out: str, model: str) -> None:
+    """``--out`` is not the model being pruned, does not contain it, and is not inside the Hugging Face
+    hub cache: the output directory is replaced as a whole, so any of these would destroy the source.
+    Refused whatever ``--overwrite`` says."""
+    from .model.source import ALIASES, alias_path
+
+    target = os.path.realpath(os.path.expanduser(out))
+    spec = os.path.expanduser(model)
+    if not os.path.exists(spec) and model in ALIASES:
+        try:
+            spec = alias_path(model)
+        except OneshotError:
+            spec = ""
+    if spec and os.path.exists(spec):
+        source = os.path.realpath(spec)
+        if _inside(source, target):
+            what = "is the model being pruned" if source == target else f"contains the model being pruned ({source})"
+            raise OneshotError(f"--out {out} {what}: the output would replace it; choose another --out")
+    from huggingface_hub import constants
+
+    cache = os.path.realpath(os.path.expanduser(constants.HF_HUB_CACHE))
+    if _inside(target, cache):
+        raise OneshotError(f"--out {out} is inside the Hugging Face hub cache ({cache}), whose snapshots other "
+                           "runs read; choose another --out")
+
+
 def check_safetensors(directory: str) -> None:
     """Every ``*.safetensors`` file of a checkpoint directory opens and its header covers the file: a
     truncated or corrupt shard is named here, not in a traceback halfway through the run."""

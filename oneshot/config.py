@@ -217,9 +217,12 @@ class PruneConfig:
             except re.error as exc:
                 raise OneshotError(f"--ignore {pattern!r} is not a valid regular expression: {exc}") from None
         if self.out is not None:
+            from .checks import check_not_source
+
             out = os.path.abspath(self.out)
             if os.path.isfile(out):
                 raise OneshotError(f"--out {self.out} is an existing file; give a directory")
+            check_not_source(self.out, str(self.model))
             complete = self.resume and os.path.isfile(os.path.join(out, "report.json"))  # --resume decides later
             if os.path.isdir(out) and os.listdir(out) and not self.overwrite and not complete:
                 raise OneshotError(f"--out {self.out} exists and is not empty; pass --overwrite to replace it")

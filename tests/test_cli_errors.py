@@ -128,6 +128,45 @@ def test_overwrite_replaces(tiny_factory, calib_txt, tmp_path, capsys):
     assert [p for p in os.listdir(tmp_path) if "oneshot-" in p] == []
 
 
+def _tree_bytes(root) -> dict:
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(root) for f in files}
+
+
+@pytest.mark.parametrize("where", ["same", "parent", "symlink", "gguf-folder"])
+def test_out_that_would_replace_the_source_is_refused(where, tiny_factory, calib_txt, tmp_path, capsys, no_load):
+    """--out equal to the source, containing it, or reaching it through a link: exit 2, one line, whatever
+    --overwrite says, and the source's bytes unchanged."""
+    import shutil
+
+    src = tmp_path / "models" / "src"
+    shutil.copytree(tiny_factory("llama"), src)
+    model, out = str(src), src
+    if where == "parent":
+        out = tmp_path / "models"
+    elif where == "symlink":
+        out = tmp_path / "link"
+        os.symlink(src, out)
+    elif where == "gguf-folder":  # a GGUF file inside --out: the folder would be replaced
+        model = str(src / "model.gguf")
+        (src / "model.gguf").write_bytes(b"GGUF")
+    before = _tree_bytes(src)
+    rc, lines = run(base(model, calib_txt, out, "--overwrite"), capsys)
+    assert rc == 2
+    assert_one_error(rc, lines, "would replace it")
+    assert _tree_bytes(src) == before
+
+
+def test_out_inside_the_hub_cache_is_refused(tiny_factory, calib_txt, tmp_path, capsys, no_load, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    out = cache / "models--org--name" / "snapshots" / "abc"
+    assert_one_error(*run(base(tiny_factory("llama"), calib_txt, out, "--overwrite"), capsys), "hub cache")
+    assert not out.exists()
+
+
 def _edited_copy(src_dir, dst, edit):
     from transformers import AutoModelForCausalLM
 
