@@ -216,6 +216,11 @@ def _journaled(run: Run, cfg: PruneConfig, plot: bool, fp: dict, partial: str) -
             journal.open(fp)  # refuses a different configuration, before any weight is read
             run.resume_from(journal)
         else:
+            if cfg.resume:  # say so: a CI job that passes --resume always must see that nothing was kept
+                left = "held no finished layer" if os.listdir(tmp) else "was not found"
+                run.notes.append(f"--resume: the partial run ({tmp}) {left}; started fresh")
+                if run.progress:
+                    print(f"oneshot: {run.notes[-1]}", file=sys.stderr, flush=True)
             for name in os.listdir(tmp):  # a journal with no finished layer: nothing worth keeping
                 path = os.path.join(tmp, name)
                 (shutil.rmtree if os.path.isdir(path) else os.remove)(path)

@@ -97,6 +97,7 @@ class Run:
         self.fp: dict | None = None
         self.resume: dict | None = None
         self.report_extra: dict = {}
+        self.notes: list[str] = []  # the run's own notes, before the engine's
         self.model = None
         self.writer = None
         self.shards: dict[int, dict] = {}
@@ -305,6 +306,7 @@ class Run:
             "versions": versions(),
             "argv": list(sys.argv),  # the command line of the process that pruned (the CLI's, or the caller's script)
         }
+        report["notes"] = self.notes + report["notes"]
         if self.calibration.info.get("note"):  # another calibration source stood in for the one asked for
             report["notes"] = [self.calibration.info["note"]] + report["notes"]
         if self.structured is not None:

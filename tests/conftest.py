@@ -52,10 +52,24 @@ def calib_txt(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def wikitext():
+def shared_wikitext():
     if not os.path.isfile(os.path.join(WIKI, "wiki.valid.tokens")):
         pytest.skip(f"shared WikiText-2 data not found at {WIKI} (a fresh clone has no ../shared)")
     return WIKI
+
+
+@pytest.fixture(scope="session")
+def wikitext(tmp_path_factory):
+    """A folder with WikiText-2's validation and raw test text under their usual names: ../shared's, or
+    else the copy oneshot ships (the same text, test_setup checks, when both are there)."""
+    if os.path.isfile(os.path.join(WIKI, "wiki.valid.tokens")):
+        return WIKI
+    from oneshot import data
+
+    folder = tmp_path_factory.mktemp("wikitext-2")
+    (folder / "wiki.valid.tokens").write_text(data.read(data.CALIBRATION), encoding="utf-8")
+    (folder / "wiki.test.raw").write_text(data.read(data.TEST), encoding="utf-8")
+    return str(folder)
 
 
 @pytest.fixture(scope="session")

@@ -116,6 +116,23 @@ def test_resume_on_a_complete_output_changes_nothing(llama, calib_txt, tmp_path,
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
 
 
+def test_resume_with_nothing_to_resume_says_it_started_fresh(llama, calib_txt, tmp_path):
+    from oneshot.output import partial_dir
+
+    out = tmp_path / "o"
+    assert _prune(llama, out, calib_txt, "--resume") == 0
+    notes = json.loads((out / "report.json").read_text())["notes"]
+    assert any("was not found; started fresh" in n for n in notes), notes
+    partial = partial_dir(str(tmp_path / "p"))  # a run killed before its first layer was journaled
+    os.makedirs(partial)
+    with open(os.path.join(partial, "leftover"), "w") as fh:
+        fh.write("x")
+    assert _prune(llama, tmp_path / "p", calib_txt, "--resume") == 0
+    notes = json.loads((tmp_path / "p" / "report.json").read_text())["notes"]
+    assert any("held no finished layer; started fresh" in n for n in notes), notes
+    assert not os.path.exists(partial)
+
+
 def test_an_interrupt_says_what_was_kept_and_how_to_go_on(llama, calib_txt, tmp_path, capsys, monkeypatch):
     import oneshot.run as run_module
 

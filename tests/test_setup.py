@@ -106,11 +106,12 @@ def test_short_name_without_its_package_says_how_to_install(monkeypatch):
         source.resolve_source("smollm2")
 
 
-def test_bundled_texts_are_the_shared_wikitext(wikitext):
+def test_bundled_texts_are_the_shared_wikitext(shared_wikitext):
     from oneshot import data
 
-    assert data.read(data.CALIBRATION) == open(os.path.join(wikitext, "wiki.valid.tokens"), encoding="utf-8").read()
-    assert data.read(data.TEST) == open(os.path.join(wikitext, "wiki.test.raw"), encoding="utf-8").read()
+    valid, test = (os.path.join(shared_wikitext, n) for n in ("wiki.valid.tokens", "wiki.test.raw"))
+    assert data.read(data.CALIBRATION) == open(valid, encoding="utf-8").read()
+    assert data.read(data.TEST) == open(test, encoding="utf-8").read()
 
 
 def test_default_calibration_falls_back_to_the_bundled_text_offline(tiny_factory, tmp_path):
