@@ -8,6 +8,8 @@ import shutil
 import sys
 import time
 
+import torch
+
 from .calibration import Calibration, describe_source, read_calibration, tokenize_calibration
 from .checks import check_out, check_safetensors, check_text
 from .config import EvalConfig, PruneConfig
@@ -50,22 +52,34 @@ class PruneResult:
         return self._model
 
 
-def prune(model: str | None = None, out: str | None = None, *, config: PruneConfig | None = None,
-          progress: bool = True, evaluation: EvalConfig | None = None, eval_baseline: bool = False,
-          plot: bool = False, **options) -> PruneResult:
+def prune(model=None, out: str | None = None, *, config: PruneConfig | None = None, tokenizer=None,
+          calibration=None, progress: bool = True, evaluation: EvalConfig | None = None,
+          eval_baseline: bool = False, plot: bool = False, **options) -> PruneResult:
     """Prune a causal LM once and optionally write it to ``out``.
 
     ``prune("HuggingFaceTB/SmolLM2-135M", "out/", method="wanda", sparsity=0.5, calib="data.txt")``;
     every keyword is a :class:`PruneConfig` field. Raises :class:`OneshotError` on bad input, before
     the model is loaded wherever that is possible.
 
+    ``model`` may also be a transformers model object: it is pruned in place on its own device (or
+    ``device=``), layer by layer, and returned as ``result.model``. Give ``tokenizer`` for the
+    calibration text, or ``calibration``: token ids shaped [windows, seqlen]. Streaming, ``resume``
+    and torchrun do not apply to it (:mod:`oneshot.held`).
+
     ``evaluation``: measure the pruned model (and with ``eval_baseline`` the dense one) after it is
     written; the results go to ``report["eval"]``. ``plot``: also write ``report.png`` (needs ``out``).
     """
+    held = model if isinstance(model, torch.nn.Module) else None
+    if held is not None:
+        from .held import held_name
+
+        model = held_name(held)
     if config is None:
         if model is None:
-            raise OneshotError("prune() needs a model (hub id, directory or .gguf file) or a config")
+            raise OneshotError("prune() needs a model (hub id, directory, .gguf file or model object) or a config")
         config = PruneConfig.from_options(model, out, **options)
+    elif held is not None:
+        config.model = model
     cfg = config.validate()
     started = time.perf_counter()
     if plot:
@@ -73,11 +87,23 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
             raise OneshotError("--plot writes report.png into the output: it needs --out")
         check_plotting()
     evaluator = Evaluator(evaluation, progress) if evaluation is not None else None  # text and tasks, up front
-    run = _prepare(cfg, started, progress)
+    dense = None
+    if held is not None:
+        from .held import prepare_held, prune_held_into
+
+        if evaluator is not None and tokenizer is None:
+            raise OneshotError("prune(model, evaluation=...): the evaluation needs tokenizer=")
+        run = prepare_held(cfg, held, tokenizer, calibration, started, progress)
+        if evaluator is not None and eval_baseline:  # the dense model is measured before it is pruned in place
+            dense = evaluator(held, tokenizer, run.device)
+    else:
+        run = _prepare(cfg, started, progress)
     group = run.group
     if cfg.out is None or (group is not None and not group.is_writer):  # under torchrun rank 0 writes
         run.prune()
         report = run.finish(None)
+    elif held is not None:
+        report = prune_held_into(run, cfg, plot)
     else:
         report = _prune_into(run, cfg, plot)
     result = PruneResult(run.result_model(), run.tokenizer, report, report["out"])
@@ -86,7 +112,7 @@ def prune(model: str | None = None, out: str | None = None, *, config: PruneConf
         if not group.is_writer:
             return result
     if evaluator is not None:
-        _evaluate(result, run, evaluator, evaluation, eval_baseline)
+        _evaluate(result, run, evaluator, evaluation, eval_baseline, dense)
     return result
 
 
@@ -232,7 +258,8 @@ def _journaled(run: Run, cfg: PruneConfig, plot: bool, fp: dict, partial: str) -
     return report
 
 
-def _evaluate(result: PruneResult, run: Run, evaluator: Evaluator, evaluation: EvalConfig, baseline: bool) -> None:
+def _evaluate(result: PruneResult, run: Run, evaluator: Evaluator, evaluation: EvalConfig, baseline: bool,
+              dense: dict | None = None) -> None:
     """``report["eval"]``: the pruned model measured (and the dense one with ``baseline``); written into
     the output's report.json atomically (the output is complete already)."""
     cfg, report = run.cfg, result.report
@@ -247,7 +274,10 @@ def _evaluate(result: PruneResult, run: Run, evaluator: Evaluator, evaluation: E
         return save
 
     report["eval"]["pruned"] = evaluator(result.model, run.tokenizer, run.device, keep("pruned"))
-    if baseline:
+    if dense is not None:  # a model object's, measured before it was pruned
+        report["eval"]["dense"] = dense
+        report["eval"]["delta"] = compare(report["eval"]["pruned"], dense)
+    elif baseline:
         dense_model = load_model(run.source, cfg.dtype, cfg.trust_remote_code)
         report["eval"]["dense"] = evaluator(dense_model, run.tokenizer, run.device, keep("dense"))
         report["eval"]["delta"] = compare(report["eval"]["pruned"], report["eval"]["dense"])

@@ -227,8 +227,9 @@ def computing_in(model, device: torch.device):
     """``model`` on ``device`` in the dtype it computes in there (float32 for 16-bit weights on the CPU,
     as ``prune`` runs its layers: bfloat16 matmuls run at a fraction of a GFLOP/s on CPUs without
     AVX512-BF16/AMX); yields what the result should say about it. Afterwards every tensor is back on
-    the CPU in its own dtype (16 → 32 → 16 bits is exact)."""
+    the device it was on (the CPU for a loaded checkpoint) in its own dtype (16 → 32 → 16 bits is exact)."""
     storage = model.dtype
+    home = next(model.parameters()).device
     compute = compute_dtype_for(storage, device)
     dtypes = {name: t.dtype for name, t in [*model.named_parameters(), *model.named_buffers()]}
     note = {"dtype": str(storage).replace("torch.", ""), "compute_dtype": str(compute).replace("torch.", "")}
@@ -240,7 +241,7 @@ def computing_in(model, device: torch.device):
     try:
         yield note
     finally:
-        model.to("cpu")
+        model.to(home)
         if compute != storage:
             for name, t in [*model.named_parameters(), *model.named_buffers()]:
                 if t.dtype != dtypes[name]:

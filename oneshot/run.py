@@ -106,6 +106,7 @@ class Run:
         self.body: dict = {}
         self.structured: dict | None = None
         self.remover = None  # --structure: the engine removes a layer's units as it goes
+        self.held, self.home = None, None  # prune(model): the caller's model object and its device
 
     # -- journal
     def journal_new(self, journal: Journal, fp: dict) -> None:
@@ -128,6 +129,10 @@ class Run:
         t = time.perf_counter()
         if self.streamed is not None:
             self.model, self.io = self.streamed.model, StreamIO(self.streamed)
+        elif self.held is not None:
+            from .held import HeldIO
+
+            self.model, self.io = self.held, HeldIO(self.home)
         else:
             self.model, self.io = load_model(self.source, cfg.dtype, cfg.trust_remote_code), LayerIO()
         if self.resume is not None:  # experts the partial run removed: the finished layers' shapes
@@ -139,7 +144,7 @@ class Run:
             t = time.perf_counter()
             self.calibration = generate_calibration(self.model.to(self.device), self.tokenizer, cfg.nsamples,
                                                     cfg.seqlen, cfg.seed, self.device)
-            self.model.to("cpu")
+            self.model.to(self.home or "cpu")
             self.phases["generate_calibration"] = time.perf_counter() - t
 
     def _load_finished(self) -> None:
@@ -334,7 +339,8 @@ class Run:
             save_model(self.model, self.tokenizer, tmp)
             if any("tensor" in entry for entry in sidecar["layers"].values()):  # experts: as save_pretrained wrote them
                 sidecar["layers"] = on_disk(sidecar["layers"], read_raw(tmp, "dense"), self.model)
-        self.journal.remove()
+        if self.journal is not None:
+            self.journal.remove()
         write_json(os.path.join(tmp, SIDECAR), sidecar)
         if permutations:
             from safetensors.torch import save_file

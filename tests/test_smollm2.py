@@ -94,6 +94,16 @@ def test_bf16_checkpoint_prunes_streamed_and_keeps_its_dtype(smollm2_bf16, wikit
     assert model.dtype == torch.bfloat16
     got = perplexity(model.float(), eval_tokens, EVAL_SEQLEN, EVAL_WINDOWS)["perplexity"]
     assert got == pytest.approx(ppl["sparsegpt"], rel=0.05), (got, ppl)
+    # the same checkpoint as a model object a deployment build holds: pruned in place, the same tensors
+    from transformers import AutoTokenizer
+
+    held = AutoModelForCausalLM.from_pretrained(smollm2_bf16, dtype=torch.bfloat16)
+    in_memory = prune(held, method="sparsegpt", sparsity=0.5, nsamples=NSAMPLES, seqlen=SEQLEN,
+                      tokenizer=AutoTokenizer.from_pretrained(smollm2_bf16),
+                      calib=os.path.join(wikitext, "wiki.valid.tokens"), progress=False)
+    assert in_memory.model is held and in_memory.report["source"] == "memory" and held.dtype == torch.bfloat16
+    written = model.state_dict()  # float32 now (model.float()): the bf16 values, exactly
+    assert all(torch.equal(t.float(), written[name]) for name, t in held.state_dict().items()), "in memory != DIR"
 
 
 def test_block_update_on_the_bf16_checkpoint(smollm2_bf16, wikitext, tmp_path):
