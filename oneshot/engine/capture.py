@@ -1,9 +1,13 @@
 """What every decoder layer receives: the hidden states entering layer 0, and for each layer its own
 positional and keyword arguments (masks, position embeddings, positions), recorded by running the
-model once per batch with the layers replaced by recorders that pass the hidden states through."""
+model once per batch with each layer's forward replaced by a recorder that passes the hidden states
+through (the layer objects stay in place)."""
 
 from __future__ import annotations
 
+import ast
+import inspect
+import textwrap
 from dataclasses import dataclass, field
 
 import torch
@@ -18,22 +22,68 @@ class StopForward(Exception):
     """Raised inside a forward pass to end it early (the last recorder; a linear not yet ready)."""
 
 
-class Recorder(nn.Module):
-    """Stands in for decoder layer ``index`` during capture: records its inputs, passes them on."""
+def layer_outputs(owner: nn.Module) -> tuple[list[str], list[str]] | None:
+    """How the forward of ``owner`` (the module holding the decoder layers) unpacks each layer's result:
+    None when it takes one value, else the names it unpacks (``hidden_states, attn_weights``) and those
+    of them it hands back to a layer call (state carried from layer to layer)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(owner).forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Tuple)
+                and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name)
+                and ("layer" in node.value.func.id or node.value.func.id == "block")):
+            continue
+        names = [t.id if isinstance(t, ast.Name) else "_" for t in node.targets[0].elts]
+        call = node.value
+        used = {n.id for a in [*call.args, *(k.value for k in call.keywords)] for n in ast.walk(a)
+                if isinstance(n, ast.Name)}
+        return names, [n for n in names[1:] if n in used]
+    return None
 
-    def __init__(self, index: int, sink: list, last: bool):
-        super().__init__()
-        self.index, self.sink, self.last = index, sink, last
 
-    def forward(self, *args, **kwargs):
+def pass_through(owner: nn.Module, layer: nn.Module) -> int:
+    """How many values a stand-in for ``layer`` returns (1: the hidden states; more: the hidden states
+    then None for what the model unpacks and drops). State carried from layer to layer is refused."""
+    found = layer_outputs(owner)
+    if found is None:
+        return 1
+    names, carried = found
+    if carried:
+        raise OneshotError(
+            f"{type(owner).__name__}: its decoder layers return ({', '.join(names)}) and it hands "
+            f"{', '.join(carried)} to the next layer: state carried from layer to layer beside the hidden "
+            "states, which pruning one layer at a time does not carry yet")
+    return len(names)
+
+
+def recorder(index: int, sink: list, last: bool, outputs: int = 1):
+    """A forward for decoder layer ``index`` during capture: records its inputs and passes the hidden
+    states on (the last one ends the pass). It is set on the layer object itself, so that whatever the
+    model reads from its layers (a per-layer attention or block type) is still there."""
+
+    def forward(*args, **kwargs):
         if args:
             hidden, rest = args[0], args[1:]
         else:
             hidden, rest = kwargs.pop("hidden_states"), ()
-        self.sink.append((self.index, hidden, rest, kwargs))
-        if self.last:
+        sink.append((index, hidden, rest, kwargs))
+        if last:
             raise StopForward
-        return hidden
+        return hidden if outputs == 1 else (hidden,) + (None,) * (outputs - 1)
+
+    return forward
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
+def describe_calls(calls: list[int], n: int) -> str:
+    shown = ", ".join(map(str, calls[:12])) + (", ..." if len(calls) > 12 else "")
+    return f"[{shown}] ({len(calls)} calls, {n} layers)"
 
 
 @dataclass
@@ -47,31 +97,50 @@ class Captured:
 @torch.no_grad()
 def capture_inputs(model, layers: nn.ModuleList, batches: list[torch.Tensor], device, store,
                    io: LayerIO | None = None) -> Captured:
-    """Run the model with recorders in place of its layers; returns what each layer receives."""
+    """Run the model with each layer's forward replaced by a recorder; returns what each layer receives."""
     io = io or LayerIO()
     originals = list(layers)
+    owner = next((m for m in model.modules() if any(c is layers for c in m.children())), None)
+    outputs = pass_through(owner, originals[0]) if owner is not None else 1
+    for i in range(len(layers)):  # out of the model while it moves: embeddings, rotary tables and norms go
+        layers[i] = nn.Identity()
+    try:
+        io.prepare(model, device)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
     sink: list = []
-    for i in range(len(layers)):
-        layers[i] = Recorder(i, sink, last=i == len(layers) - 1)
+    own = [layer.__dict__.get("forward") for layer in originals]  # a hook library's wrapper, kept
+    for i, layer in enumerate(originals):
+        layer.forward = recorder(i, sink, last=i == len(layers) - 1, outputs=outputs)
     captured = Captured()
     try:
-        io.prepare(model, device)  # only embeddings, rotary tables and norms are left: the layers are recorders
         for ids in batches:
             sink.clear()
             try:
                 model(input_ids=ids.to(device), use_cache=False)
             except StopForward:
                 pass
-            if len(sink) != len(layers):
+            except OneshotError:
+                raise
+            except Exception as exc:  # the model's own forward: one line naming where it failed
+                raise OneshotError(f"{type(model).__name__}: its forward failed on the calibration windows before "
+                                   f"decoder layer {len(sink)} was reached ({first_line(exc)}); the model does not "
+                                   "run as configured") from exc
+            if [i for i, *_ in sink] != list(range(len(layers))):
                 raise OneshotError(
-                    f"{type(model).__name__}: {len(sink)} of {len(layers)} decoder layers were called during a "
-                    "forward pass; this layout is not supported"
+                    f"{type(model).__name__}: its decoder layers were called in the order "
+                    f"{describe_calls([i for i, *_ in sink], len(layers))} during a forward pass, not each once in "
+                    "order; pruning layer by layer needs each layer's inputs to come from the one before it"
                 )
             captured.hidden.append(sink[0][1].to(store))
             captured.layer_args.append([(move(rest, store), move(kw, store)) for _, _, rest, kw in sink])
     finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
+        for layer, forward in zip(originals, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
     return captured
 
 

@@ -61,13 +61,19 @@ def _ignored(name: str, ignore) -> bool:
     return any(re.search(pattern, name) for pattern in ignore)
 
 
+def in_router(path: str, routers) -> bool:
+    """Whether module ``path`` is a router or lies inside one (routing state such as a score-correction
+    bias kept in a statistics submodule of the router: Ernie 4.5's ``gate.moe_statics``)."""
+    return any(path == r or path.startswith(r + ".") for r in routers)
+
+
 def find_linears(layer: nn.Module, prefix: str = "", ignore: list[str] | tuple = ()) -> dict[str, nn.Module]:
     """Every prunable matrix in ``layer`` by its full name (``prefix.name``), minus names matching
     ``ignore``: its linears (routers excepted) and each expert's matrices (``….experts.E.gate_up_proj``)."""
     routers = router_names(layer)
     found = {}
     for name, module in layer.named_modules():
-        if not is_linear(module) or name in routers or name.rpartition(".")[2] in STATE_SPACE_LINEARS:
+        if not is_linear(module) or in_router(name, routers) or name.rpartition(".")[2] in STATE_SPACE_LINEARS:
             continue
         full = f"{prefix}.{name}" if prefix else name
         if not _ignored(full, ignore):
@@ -140,7 +146,7 @@ def block_coverage(layer: nn.Module, prefix: str, matrices: dict[str, nn.Module]
         owner_path, _, leaf = pname.rpartition(".")
         owner = layer.get_submodule(owner_path) if owner_path else layer
         kind = type(owner).__name__
-        if owner_path in routers:
+        if in_router(owner_path, routers):
             reason = "router"
         elif is_linear(owner) and owner_path.rpartition(".")[2] in STATE_SPACE_LINEARS:
             reason = "state-space"
