@@ -124,9 +124,13 @@ def capture_inputs(model, layers: nn.ModuleList, batches: list[torch.Tensor], de
             except OneshotError:
                 raise
             except Exception as exc:  # the model's own forward: one line naming where it failed
-                raise OneshotError(f"{type(model).__name__}: its forward failed on the calibration windows before "
-                                   f"decoder layer {len(sink)} was reached ({first_line(exc)}); the model does not "
-                                   "run as configured") from exc
+                if not sink:
+                    raise OneshotError(f"{type(model).__name__}: its forward failed on the calibration windows "
+                                       f"before decoder layer 0 was reached ({first_line(exc)}); the model does "
+                                       "not run as configured") from exc
+                raise OneshotError(f"{type(model).__name__}: its forward failed after decoder layer {len(sink) - 1} "
+                                   f"returned ({first_line(exc)}): its loop reads more from a layer's result than "
+                                   "the hidden states; this layout is not supported") from exc
             if [i for i, *_ in sink] != list(range(len(layers))):
                 raise OneshotError(
                     f"{type(model).__name__}: its decoder layers were called in the order "
