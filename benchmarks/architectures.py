@@ -1,0 +1,72 @@
+"""Every causal-LM model type transformers registers, shrunk to a tiny random model (common size keys
+set small where the config has them), pruned in memory with Wanda 50%: one JSON line per type, with
+``ok`` (and the coverage), ``refused`` (oneshot's one line), ``build-fail`` (transformers could not
+build it at these sizes) or ``TRACEBACK``.
+
+    python benchmarks/architectures.py               # all types, one subprocess each (90 s limit)
+    python benchmarks/architectures.py llama bamba   # these, in this process
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import oneshot
+from oneshot.errors import OneshotError
+from tiny import make_tokenizer, sample_text
+
+SMALL = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=384, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=8,
+    n_routed_experts=8, num_local_experts=8, num_experts_per_tok=2, head_dim=16, max_position_embeddings=256,
+    n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
+    v_head_dim=16, first_k_dense_replace=1, bos_token_id=1, eos_token_id=2, pad_token_id=3, n_shared_experts=1,
+)
+tok = make_tokenizer()
+ids = tok(sample_text(3000, 1), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+windows = torch.stack([ids[i * 32:(i + 1) * 32] for i in range(4)])
+
+
+def one(mt):
+    try:
+        base = AutoConfig.for_model(mt)
+        d = base.to_dict()
+        kw = {k: v for k, v in SMALL.items() if k in d}
+        cfg = AutoConfig.for_model(mt, **kw)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:
+        return "build-fail", f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
+    try:
+        r = oneshot.prune(model, calibration=windows, method="wanda", sparsity=0.5, progress=False)
+        return "ok", r.report["coverage"]["share_of_prunable"]
+    except OneshotError as e:
+        return "refused", str(e)[:300]
+    except Exception as e:
+        tb = traceback.format_exc().splitlines()
+        where = [line for line in tb if "File" in line][-1].strip()[:200]
+        return "TRACEBACK", f"{type(e).__name__}: {str(e)[:200]} @ {where}"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1:
+        for mt in sys.argv[1:]:
+            t = time.time()
+            s, why = one(mt)
+            print(json.dumps({"type": mt, "status": s, "why": why, "s": round(time.time() - t, 1)}), flush=True)
+    else:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        for mt in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+            try:
+                out = subprocess.run([sys.executable, __file__, mt], capture_output=True, text=True, timeout=90).stdout
+                line = next((x for x in out.splitlines() if x.startswith("{")), None)
+            except subprocess.TimeoutExpired:
+                line = None
+            print(line or json.dumps({"type": mt, "status": "timeout-or-crash"}), flush=True)
