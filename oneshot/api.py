@@ -11,13 +11,12 @@ import time
 import torch
 
 from .calibration import Calibration, describe_source, read_calibration, tokenize_calibration
-from .checks import check_out, check_safetensors, check_text
+from .checks import check_moe, check_out, check_safetensors, check_text
 from .config import EvalConfig, PruneConfig
 from .distributed import Group
 from .distributed import check as check_distributed
 from .distributed import setup as setup_distributed
 from .distributed import teardown as teardown_distributed
-from .engine.moe import check_removal
 from .errors import OneshotError
 from .estimate import announce, estimate_time
 from .evaluate import Evaluator, compare
@@ -184,17 +183,6 @@ def _prepare(cfg: PruneConfig, started: float, progress: bool) -> Run:
                             **{f"{k}_bytes": v for k, v in memory["parts"].items()}},
     }
     return run
-
-
-def check_moe(cfg: PruneConfig, structure: dict, hf_config) -> None:
-    """Mixture-of-experts options against the model, before any weight is read."""
-    moe = structure.get("moe")
-    cfg.mode_for(moe is not None)
-    if cfg.remove_experts is None:
-        return
-    if moe is None:
-        raise OneshotError(f"--remove-experts: {structure['architecture']} has no mixture-of-experts layers")
-    check_removal(cfg.remove_experts, moe["experts"], getattr(hf_config, "text_config", None) or hf_config)
 
 
 def _prune_into(run: Run, cfg: PruneConfig, plot: bool) -> dict:

@@ -93,3 +93,16 @@ def check_text(text: str, source: str, limit: float = 0.01) -> None:
     if share > limit:
         raise OneshotError(f"--calib {source}: {share:.0%} of it is binary or undecodable bytes, not text; give a "
                            "text file (UTF-8), jsonl/json/parquet with a text column, or a dataset")
+
+
+def check_moe(cfg, structure: dict, hf_config) -> None:
+    """Mixture-of-experts options against the model, before any weight is read."""
+    from .engine.moe import check_removal
+
+    moe = structure.get("moe")
+    cfg.mode_for(moe is not None)
+    if cfg.remove_experts is None:
+        return
+    if moe is None:
+        raise OneshotError(f"--remove-experts: {structure['architecture']} has no mixture-of-experts layers")
+    check_removal(cfg.remove_experts, moe["experts"], getattr(hf_config, "text_config", None) or hf_config)

@@ -13,10 +13,9 @@ import torch
 from torch import nn
 
 from .calibration import Calibration, describe_source, read_calibration, tokenize_calibration
-from .checks import check_out, check_text
+from .checks import check_moe, check_out, check_text
 from .config import PruneConfig
 from .distributed import launched
-from .engine.layerio import LayerIO
 from .errors import OneshotError
 from .estimate import announce, estimate_time
 from .memory import estimate as estimate_memory
@@ -32,20 +31,6 @@ def held_name(model: nn.Module) -> str:
     """What the report calls a model object: where it was loaded from, else its class."""
     config = getattr(model, "config", None)
     return str(getattr(config, "_name_or_path", "") or type(model).__name__)
-
-
-class HeldIO(LayerIO):
-    """A model object: each layer goes back to the device the caller keeps the model on, not the CPU."""
-
-    def __init__(self, home: torch.device):
-        self.home = home
-
-    def release(self, i: int, layer: nn.Module, device) -> None:
-        if torch.device(device) != self.home:
-            layer.to(self.home)
-
-    def finish(self, model) -> None:
-        model.to(self.home)
 
 
 def home_device(model: nn.Module) -> torch.device:
@@ -90,7 +75,6 @@ def given_windows(calibration, cfg: PruneConfig) -> Calibration:
 
 def prepare_held(cfg: PruneConfig, model: nn.Module, tokenizer, calibration, started: float, progress: bool):
     """:func:`oneshot.api._prepare` for a model object: every check before its first layer is touched."""
-    from .api import check_moe
     from .run import Run
 
     t = time.perf_counter()

@@ -14,6 +14,7 @@ from .calibration import Calibration, generate_calibration
 from .config import PruneConfig
 from .coverage import coverage, experts_summary
 from .engine import LayerIO, prune_layers
+from .engine.layerio import HeldIO
 from .engine.moe import replay_removals
 from .errors import OneshotError
 from .formats.ondisk import on_disk
@@ -130,8 +131,6 @@ class Run:
         if self.streamed is not None:
             self.model, self.io = self.streamed.model, StreamIO(self.streamed)
         elif self.held is not None:
-            from .held import HeldIO
-
             self.model, self.io = self.held, HeldIO(self.home)
         else:
             self.model, self.io = load_model(self.source, cfg.dtype, cfg.trust_remote_code), LayerIO()

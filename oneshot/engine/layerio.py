@@ -31,6 +31,20 @@ class LayerIO:
         model.to("cpu")
 
 
+class HeldIO(LayerIO):
+    """A model object: each layer goes back to the device the caller keeps the model on, not the CPU."""
+
+    def __init__(self, home: torch.device):
+        self.home = home
+
+    def release(self, i: int, layer: nn.Module, device) -> None:
+        if torch.device(device) != self.home:
+            layer.to(self.home)
+
+    def finish(self, model) -> None:
+        model.to(self.home)
+
+
 def onload(io: LayerIO, i: int, layer: nn.Module, device, compute: torch.dtype | None) -> dict:
     """Layer ``i`` on ``device`` with its floating parameters in ``compute`` (when given); returns
     each cast parameter's stored dtype for :func:`restore`."""
