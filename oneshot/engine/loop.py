@@ -113,7 +113,10 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
     storage = model.dtype
     compute = compute_dtype if compute_dtype is not None and compute_dtype != storage else None
     dtype_bytes = torch.finfo(compute or storage).bits // 8
-    per_batch = plan_batches(input_ids, layers[0], heads, dtype_bytes, device, batch_size)
+    if resume is not None and resume.get("hidden"):  # the partial run's split: its activations are per batch
+        per_batch = int(resume["hidden"][0].shape[0])
+    else:  # from --batch-size, or the free memory now
+        per_batch = plan_batches(input_ids, layers[0], heads, dtype_bytes, device, batch_size)
     batches = list(input_ids.split(per_batch))
     hidden_size = model.get_input_embeddings().weight.shape[1]
     if block is not None and sequential != "layer":
