@@ -70,6 +70,7 @@ class PruneConfig:
     block_lr: float = 1e-3
     block_batch: int = 2
     block_target: str = "model"
+    block_loss: str = "relative"  # per-token relative squared error, or plain MSE (dominated by attention sinks)
     preset: str | None = None
     # mixture-of-experts models
     moe_calibrate: str = "all"  # expert statistics from every token (llm-compressor's default) or "routed" ones
@@ -196,6 +197,8 @@ class PruneConfig:
                 raise OneshotError(f"--remove must be a fraction strictly between 0 and 1, got {self.remove}")
             if self.remove_experts is not None:
                 raise OneshotError("--structure and --remove-experts cannot be combined yet")
+        if self.block_loss not in ("relative", "mse"):
+            raise OneshotError(f"--block-loss must be 'relative' or 'mse', got {self.block_loss!r}")
         if self.block_target not in ("layer", "model"):
             raise OneshotError(f"--block-target must be 'layer' or 'model', got {self.block_target!r}")
         if self.load not in ("auto", "stream", "full"):

@@ -9,6 +9,9 @@ It lives in the output's temporary directory (``.NAME.oneshot-partial`` beside `
 - ``calibration.safetensors``: the calibration token ids (a resumed run checks it tokenized the same).
 - ``hidden-NNNNN.safetensors``: the activations entering layer NNNNN (and the dense stream of
   ``--update block``), bit for bit; the one before is deleted once the state names the new one.
+- ``solver-NNNNN.safetensors``: with ``--update block``, layer NNNNN as the solver left it, before its
+  refit (:mod:`oneshot.engine.guard`: restored when the refit made the whole model worse); the
+  held-out windows through those weights are in the ``hidden`` file as ``solver.K``.
 - ``layer-NNNNN.safetensors``: a pruned layer's tensors when the model is in memory (streaming runs
   write the output shard itself) and ``permutations.safetensors`` for ``--ria-permute``.
 
@@ -122,10 +125,12 @@ class Journal:
         tensors = _load(self.path(st["hidden"]))
         nb = sum(1 for k in tensors if k.startswith("hidden."))
         dense = [tensors[f"dense.{b}"] for b in range(nb)] if "dense.0" in tensors else None
+        solver = [tensors[f"solver.{k}"] for k in range(sum(1 for t in tensors if t.startswith("solver.")))] or None
         perms_path = self.path("permutations.safetensors")
         perms = _load(perms_path) if os.path.isfile(perms_path) else {}
         return {"finished": st["finished"], "hidden": [tensors[f"hidden.{b}"] for b in range(nb)],
-                "dense_stream": dense, "reports": st["reports"], "notes": st["notes"], "passes": st["passes"],
+                "dense_stream": dense, "solver_stream": solver,
+                "reports": st["reports"], "notes": st["notes"], "passes": st["passes"],
                 "blocks": st["blocks"], "permutations": perms, "allocation": st.get("allocation"),
                 "followers": st.get("followers", {}), "experts_removed": st.get("experts_removed", []),
                 "structured": st.get("structured")}
@@ -142,6 +147,8 @@ class Journal:
         hidden = {f"hidden.{b}": h for b, h in enumerate(state["hidden"])}
         if state.get("dense_stream") is not None:
             hidden.update({f"dense.{b}": h for b, h in enumerate(state["dense_stream"])})
+        if state.get("solver_stream") is not None:
+            hidden.update({f"solver.{k}": h for k, h in enumerate(state["solver_stream"])})
         name = f"hidden-{i + 1:05d}.safetensors"
         _save(hidden, self.path(name))
         if state["permutations"]:

@@ -192,7 +192,8 @@ class Run:
             allocation={"kind": "owl", "m": cfg.owl_m, "lambda": cfg.owl_lambda} if cfg.allocation == "owl" else None,
             heldout=cfg.heldout_windows,
             block={"epochs": cfg.block_epochs, "lr": cfg.block_lr, "batch_windows": cfg.block_batch,
-                   "target": cfg.block_target, "seed": cfg.seed} if cfg.update == "block" else None,
+                   "target": cfg.block_target, "seed": cfg.seed, "loss": cfg.block_loss}
+            if cfg.update == "block" else None,
             io=self.io,
             compute_dtype=compute_dtype_for(self.model.dtype, self.device),
             resume=self.resume,
@@ -202,6 +203,8 @@ class Run:
             offload_activations=cfg.offload_activations,
             moe={"calibrate": cfg.moe_calibrate, "remove": cfg.remove_experts, "score": cfg.expert_score},
             structure=self.remover,
+            scratch=self.journal.dir if self.journal is not None else None,
+            on_restore=self._layer_restored,
         )
         if self.remover is not None:
             self._removed()
@@ -250,15 +253,12 @@ class Run:
         """Layer ``i`` is pruned: count its zeros, write its shard (streaming), journal it. ``layer``
         None: a block ``--structure`` removed (nothing to write; numbers after it move down)."""
         j = self.remover.new_index(i) if layer is not None and self.remover is not None else i  # its output number
-        prefix = f"{self.layers_path}.{j}"
         if layer is not None:
             self.layer_zeros[j] = sum(int(p.numel() - torch.count_nonzero(p)) for p in layer.parameters())
         if self.journal is None:
             return
         if self.writer is not None and layer is not None:
-            transposed = transposed_names(layer, prefix, self.cfg.ignore)
-            self.shards[j] = self.writer.write(j, layer_tensors(layer, prefix),
-                                               self._sidecar(state["reports"], transposed), state["permutations"])
+            self._write_shard(j, layer, state)
         # commit at most every --journal-interval seconds (and after the last layer): a resumed run
         # redoes the layers after the last commit, so it still writes the same bytes
         last = i == self.structure["num_layers"] - 1
@@ -272,6 +272,20 @@ class Run:
                       if k not in dropped}  # numbered as the model in memory is until the end
         self.journal.commit(i, state, {"shards": self.shards, "layer_zeros": self.layer_zeros}, layers=layers)
         self.committed_at = time.monotonic()
+
+    def _write_shard(self, j: int, layer, state: dict) -> None:
+        prefix = f"{self.layers_path}.{j}"
+        transposed = transposed_names(layer, prefix, self.cfg.ignore)
+        self.shards[j] = self.writer.write(j, layer_tensors(layer, prefix), self._sidecar(state["reports"], transposed),
+                                           state["permutations"])
+
+    def _layer_restored(self, i: int, layer, state: dict) -> None:
+        """The block refit made the model worse: layer ``i`` has its solver weights back (a streamed
+        run writes its shard again; in memory, the model is written at the end)."""
+        j = self.remover.new_index(i) if self.remover is not None else i
+        self.layer_zeros[j] = sum(int(p.numel() - torch.count_nonzero(p)) for p in layer.parameters())
+        if self.writer is not None:
+            self._write_shard(j, layer, state)
 
     def finish(self, tmp: str | None) -> dict:
         cfg, body = self.cfg, dict(self.body)

@@ -268,6 +268,10 @@ class StreamIO(LayerIO):
     def captured(self, model) -> None:
         self.streamed.unload_rest()
 
+    def prepare_head(self, model, device) -> None:
+        if not self.streamed.tied_head():
+            self.streamed.place(self.streamed.read([n for n in self.streamed.head if n in self.streamed.key]), device)
+
     def load(self, i: int, layer: nn.Module, device) -> None:
         t = time.perf_counter()
         names = [n for n in self.streamed.layer_names[i] if n in self.streamed.key or n in self.streamed.assembled]

@@ -20,6 +20,9 @@ class LayerIO:
     def captured(self, model) -> None:
         """After capture: what sits outside the decoder layers is no longer needed."""
 
+    def prepare_head(self, model, device) -> None:
+        """After :meth:`prepare`, the output head too (a streamed run reads it only at the end)."""
+
     def load(self, i: int, layer: nn.Module, device) -> None:
         layer.to(device)
 

@@ -27,6 +27,7 @@ from ..updates.block import reconstruct_block
 from .batching import activation_store, plan_batches
 from .capture import Captured, StopForward, capture_inputs, layer_inputs
 from .collect import collect, routed_tokens
+from .guard import ModelCheck, heldout_loss
 from .layer import LayerPruner
 from .layerio import LayerIO, onload, restore
 from .moe import remove_experts, score_experts
@@ -60,6 +61,7 @@ class _Plan:
     ignore: tuple
     moe: dict  # {"calibrate": "all"|"routed", "remove": fraction or None, "score": "reap"|"frequency"}
     config: object  # the model's (text) config: expert counts change when experts are removed
+    check: ModelCheck | None = None  # --update block: the solver stream and weights, for the whole-model check
 
 
 def check_finite_weights(module: torch.nn.Module, prefix: str) -> None:
@@ -87,7 +89,8 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
                progress: bool = True, allocation: dict | None = None, heldout: int = 0,
                block: dict | None = None, io: LayerIO | None = None, compute_dtype: torch.dtype | None = None,
                resume: dict | None = None, on_layer=None, group=None, first_window: int = 0,
-               offload_activations: bool = False, moe: dict | None = None, structure=None) -> dict:
+               offload_activations: bool = False, moe: dict | None = None, structure=None,
+               scratch: str | None = None, on_restore=None) -> dict:
     """Prune every linear inside the decoder layers of ``model`` in place; returns the report's body.
 
     ``allocation``: ``{"kind": "owl", "m": .., "lambda": ..}`` for per-layer sparsities (unstructured);
@@ -102,6 +105,10 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
     ``first_window`` of all. ``structure``: a :class:`~oneshot.structured.Remover` whose blocks to
     drop are chosen: those are skipped (their tensors never written), and every other layer gives up
     its heads and channels before it is pruned; ``method`` None: nothing pruned after that.
+    ``scratch``: where ``--update block`` keeps each layer's solver weights (the journal's directory,
+    so a resumed run has them; None: a temporary one); ``on_restore(i, layer, state)``: called for each
+    layer that got its solver weights back because the refit made the whole model worse
+    (:mod:`.guard`), where a streamed run rewrites its shard.
     """
     from tqdm.auto import tqdm
 
@@ -163,6 +170,10 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
     state.allocation = allocation
     if resume is None and block and block.get("target") == "model":
         state.dense_stream = [h.clone() for h in captured.hidden]
+    if block is not None and group is None:
+        plan.check = ModelCheck(plan.heldout or max(1, nsamples // 8), nsamples, scratch, storage)
+        plan.check.start(captured.hidden, state.solver_stream)
+        state.solver_stream = plan.check.stream
 
     bar = tqdm(total=len(layers), initial=state.finished, desc=f"{method} {constraint.describe()}", unit="layer",
                disable=not progress)
@@ -214,6 +225,7 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
         if method is None:  # structure alone: the cut layer's outputs are the next one's inputs
             layer_linears = []
             if plan.block is not None:
+                _advance_check(plan, layer, i, captured, state)
                 with ExpertRouting(layer, prefix, linears):
                     _block_update(plan, i, prefix, layer, linears, None, captured, targets, state, phases)
             _propagate(layer, captured, i, device, compute)
@@ -238,6 +250,7 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
             bar.set_postfix(err=f"{sum(e['relative_error'] for e in layer_linears) / len(layer_linears):.3g}")
         bar.update(1)
     bar.close()
+    check = _check_model(plan, model, layers, input_ids, captured, state, io, on_restore) if plan.check else None
     io.finish(model)
     body = {
         "layers_path": path,
@@ -259,6 +272,8 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
         body["heldout_windows"] = heldout
     if state.blocks:
         body["block_update"] = state.blocks
+    if check is not None:
+        body["block_update_check"] = check
     if state.experts_removed:
         body["experts_removed"] = state.experts_removed
     if resume is not None and int(resume["finished"]):
@@ -319,6 +334,9 @@ def _prune_layer(plan: _Plan, i: int, prefix: str, layer, linears: dict, constra
             targets = [call_layer(layer, h, a, kw).to(plan.store) for _, h, a, kw in inputs()]
         if not plan.needs_stats or plan.sequential == "layer":
             pruner.solve_all()
+        if block is not None:
+            with pruner.paused():
+                _advance_check(plan, layer, i, captured, state, pruner.entries)
         if block is not None and linears:
             _block_update(plan, i, prefix, layer, linears, pruner, captured, targets, state, phases)
         routing.record = not (plan.needs_stats and plan.sequential == "layer")  # routed tokens, if not counted yet
@@ -354,6 +372,44 @@ def _prune_layer(plan: _Plan, i: int, prefix: str, layer, linears: dict, constra
     return layer_linears
 
 
+def _advance_check(plan: _Plan, layer, i: int, captured: Captured, state: RunState, entries=None) -> None:
+    if plan.check is not None:
+        plan.check.advance(layer, i, captured, plan.device, plan.compute, entries)
+        state.solver_stream = plan.check.stream
+
+
+def _check_model(plan: _Plan, model, layers, input_ids: torch.Tensor, captured: Captured, state: RunState, io,
+                 on_restore) -> dict:
+    """After the last layer: the held-out next-token loss of the refitted model and of the solver's
+    weights alone; when the refit's is worse, every layer gets its solver weights back."""
+    check = plan.check
+    try:
+        ids = input_ids[check.first:]
+        refit = heldout_loss(model, layers, ids, check.select(captured.hidden), plan.device, io, plan.compute)
+        solver = heldout_loss(model, layers, ids, check.stream, plan.device, io, plan.compute)
+        kept = refit <= solver
+        if not kept:
+            by_name = {entry["name"]: entry for entry in state.reports}
+            for i in sorted(check.saved):
+                for name, (sparsity, zeros) in check.restore(i, layers[i]).items():
+                    if name in by_name:
+                        by_name[name].update(sparsity=sparsity, zeros=zeros)
+                if on_restore is not None:
+                    on_restore(i, layers[i], state.as_dict())
+                if io.streaming:
+                    layers[i].to("meta")
+            for entry in state.blocks:
+                entry["undone"] = True
+            state.notes.append(
+                f"--update block: the refitted model's held-out loss ({refit:.4f}) is worse than the solver's weights' "
+                f"alone ({solver:.4f}), so every layer has its solver weights back (the linears' relative_error "
+                "entries are those of the refit)")
+        return {"heldout_loss_refit": round(refit, 6), "heldout_loss_solver": round(solver, 6), "kept": kept,
+                "heldout_windows": int(ids.shape[0])}
+    finally:
+        check.close()
+
+
 def _block_update(plan: _Plan, i: int, prefix: str, layer, linears: dict, pruner: LayerPruner | None,
                   captured: Captured, targets: list, state: RunState, phases: dict) -> None:
     """``--update block``: refit the kept weights of the pruned layer, masks frozen (``pruner`` None: a
@@ -372,6 +428,7 @@ def _block_update(plan: _Plan, i: int, prefix: str, layer, linears: dict, pruner
             [move(captured.layer_args[b][i], plan.store, plan.compute) for b in range(len(captured.hidden))],
             targets, plan.heldout or max(1, plan.nsamples // 8), epochs=int(block["epochs"]), lr=float(block["lr"]),
             batch_windows=int(block["batch_windows"]), seed=int(block.get("seed", 0)) + i, device=plan.device,
+            loss=block.get("loss", "relative"),
         )
     if plan.compute is not None:  # the trained weights, rounded to the stored dtype
         for param in {id(p): p for p in map(matrix_parameter, linears.values())}.values():

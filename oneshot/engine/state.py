@@ -22,6 +22,7 @@ class RunState:
     followers: dict[str, list[str]] = field(default_factory=dict)  # joint-solve hint for the next layer
     experts_removed: list[dict] = field(default_factory=list)  # --remove-experts, per experts module
     structured: dict | None = None  # --structure: what went so far (Remover.state())
+    solver_stream: list[torch.Tensor] | None = None  # --update block: held-out windows through the solver's weights
 
     def as_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}

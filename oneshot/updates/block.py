@@ -3,7 +3,11 @@
 The block's pruned output is fitted to a target on the fitting windows: the dense block's output on
 the same inputs (``--block-target layer``, as the issue and most papers do it) or the dense model's
 hidden state at this depth (``--block-target model``, which also lets a block correct the error the
-blocks before it left). After every epoch the loss on the held-out windows is measured; the weights
+blocks before it left). The loss (``--block-loss relative``) is each token's squared error over its
+target's squared norm, averaged over tokens: in the residual stream the first token of a window (an
+attention sink) carries most of the squared norm (SmolLM2-135M: 84-98% at layers 15-25, 4 windows of
+512 tokens), so a plain mean squared error (``mse``) fits and judges almost only those tokens.
+After every epoch the loss on the held-out windows is measured; the weights
 of the best epoch are kept, and only if they beat the solver's weights there. Every step re-applies
 the masks, so sparsity and N:M groups stay exact.
 """
@@ -58,6 +62,16 @@ def _stack(items: list[tuple], device):
     return hidden, move(args, device), move(kwargs, device)
 
 
+def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str = "relative") -> torch.Tensor:
+    """``relative``: mean over tokens of ``|out - target|^2 / |target|^2``; ``mse``: the plain mean."""
+    out, target = out.float(), target.float()
+    if kind == "mse":
+        return torch.nn.functional.mse_loss(out, target)
+    norms = target.pow(2).sum(-1)
+    floor = norms.mean().clamp_min(1e-30) * 1e-6  # a token of zeros (padding) must not divide by zero
+    return ((out - target).pow(2).sum(-1) / norms.clamp_min(floor)).mean()
+
+
 def trainable(linears: dict[str, nn.Module], masks: dict[str, torch.Tensor], device):
     """The parameters holding the pruned matrices (each fused expert parameter once) and, for each,
     where its pruned slots are, in its own layout."""
@@ -79,7 +93,7 @@ def trainable(linears: dict[str, nn.Module], masks: dict[str, torch.Tensor], dev
 
 def reconstruct_block(layer: nn.Module, linears: dict[str, nn.Module], masks: dict[str, torch.Tensor],
                       hidden: list[torch.Tensor], layer_args: list, targets: list[torch.Tensor], heldout: int,
-                      *, epochs: int, lr: float, batch_windows: int, seed: int, device) -> dict:
+                      *, epochs: int, lr: float, batch_windows: int, seed: int, device, loss: str = "relative") -> dict:
     """Fit the kept weights of ``layer`` in place; returns what the report says.
 
     ``hidden``/``layer_args``/``targets`` are per captured forward batch; the last ``heldout``
@@ -105,7 +119,7 @@ def reconstruct_block(layer: nn.Module, linears: dict[str, nn.Module], masks: di
         h, a, kw = _stack([windows[i] for i in idx], device)
         with torch.set_grad_enabled(grad):
             out = call_layer(layer, h, a, kw)
-            return torch.nn.functional.mse_loss(out.float(), target[idx].to(device).float())
+            return block_loss(out, target[idx].to(device), loss)
 
     def heldout_loss() -> float:
         total = 0.0
@@ -153,4 +167,5 @@ def reconstruct_block(layer: nn.Module, linears: dict[str, nn.Module], masks: di
         "kept": best < before,
         "fit_windows": len(fit_idx),
         "heldout_windows": len(val_idx),
+        "loss": loss,
     }
