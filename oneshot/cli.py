@@ -90,6 +90,8 @@ def _prune_parser(sub) -> None:
     _opt(g, "--block-batch", "block: windows per step", type=int)
     _opt(g, "--block-target", "block: match the dense model's hidden state at this depth (model) or the dense "
          "block on the same inputs (layer)", choices=("layer", "model"))
+    _opt(g, "--learn-masks", "block: the N:M masks move too during the refit (each group's pattern learned, "
+         "started from the solver's)", action="store_true")
     _opt(g, "--block-loss", "block: each token's squared error over its target's (relative), or the plain mean "
          "squared error (mse), which the few attention-sink tokens of a window dominate", choices=("relative", "mse"))
     g = p.add_argument_group("mixture-of-experts models")

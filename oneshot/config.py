@@ -70,6 +70,7 @@ class PruneConfig:
     block_lr: float = 1e-3
     block_batch: int = 2
     block_target: str = "model"
+    learn_masks: bool = False  # --update block moves the N:M masks too (oneshot/updates/learned.py)
     block_loss: str = "relative"  # per-token relative squared error, or plain MSE (dominated by attention sinks)
     preset: str | None = None
     # mixture-of-experts models
@@ -197,6 +198,11 @@ class PruneConfig:
                 raise OneshotError(f"--remove must be a fraction strictly between 0 and 1, got {self.remove}")
             if self.remove_experts is not None:
                 raise OneshotError("--structure and --remove-experts cannot be combined yet")
+        if self.learn_masks and self.update != "block":
+            raise OneshotError("--learn-masks moves the masks during the block refit: it needs --update block")
+        if self.learn_masks and self.nm is None:
+            raise OneshotError("--learn-masks learns N:M masks (--pattern 2:4, 4:8); unstructured masks are not "
+                               "learned yet")
         if self.block_loss not in ("relative", "mse"):
             raise OneshotError(f"--block-loss must be 'relative' or 'mse', got {self.block_loss!r}")
         if self.block_target not in ("layer", "model"):

@@ -192,7 +192,8 @@ class Run:
             allocation={"kind": "owl", "m": cfg.owl_m, "lambda": cfg.owl_lambda} if cfg.allocation == "owl" else None,
             heldout=cfg.heldout_windows,
             block={"epochs": cfg.block_epochs, "lr": cfg.block_lr, "batch_windows": cfg.block_batch,
-                   "target": cfg.block_target, "seed": cfg.seed, "loss": cfg.block_loss}
+                   "target": cfg.block_target, "seed": cfg.seed, "loss": cfg.block_loss,
+                   "learn_masks": cfg.learn_masks}
             if cfg.update == "block" else None,
             io=self.io,
             compute_dtype=compute_dtype_for(self.model.dtype, self.device),

@@ -14,7 +14,7 @@ from oneshot.constraint import Constraint
 from oneshot.formats.store import load_state_dict
 from oneshot.masks import check_constraint
 from oneshot.updates.block import block_loss
-from tiny import make_sharded_llama, make_tiny_model
+from tiny import ARCHS, MOE_ARCHS, make_sharded_llama, make_tiny_model
 
 OPTIONS = dict(method="sparsegpt", sparsity=0.5, nsamples=8, seqlen=48, progress=False, update="block",
                block_epochs=2, journal_interval=0)
@@ -132,3 +132,69 @@ def test_the_relative_loss_weighs_every_token_alike():
     assert block_loss(target, target, "relative") == 0
     zeros = torch.zeros(1, 4, 16)  # a padded window: no division by zero
     assert torch.isfinite(block_loss(zeros + 1e-3, zeros, "relative"))
+
+
+# ---------------------------------------------------------------- --learn-masks
+
+ALL = ARCHS + MOE_ARCHS
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_learned_nm_masks_end_exact_on_every_architecture(arch, calib_txt, tmp_path):
+    """Every supported dense and MoE layout runs the refit with moving 2:4 masks (bf16 for every other
+    one, float32 for the rest); every pruned matrix ends exactly 2:4 with +0.0 in pruned slots, and
+    the report says how many linears learned their masks (fused experts and Conv1D keep the solver's)."""
+    dtype = torch.bfloat16 if ALL.index(arch) % 2 else torch.float32
+    src = make_tiny_model(arch, str(tmp_path / "src"), dtype=dtype)
+    report = prune(src, str(tmp_path / "out"), calib=calib_txt, method="sparsegpt", pattern="2:4", nsamples=4,
+                   seqlen=32, progress=False, update="block", block_epochs=1, learn_masks=True).report
+    from transformers import AutoModelForCausalLM
+
+    from oneshot.model.structure import find_decoder_layers, find_linears, get_weight
+
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))
+    path, layers = find_decoder_layers(model)
+    zeros = {e["name"]: e["zeros"] for e in report["linears"]}
+    for i, layer in enumerate(layers):
+        for name, module in find_linears(layer, f"{path}.{i}").items():
+            w = get_weight(module)
+            assert check_constraint(w.float(), Constraint(0.5, 2, 4)) is None, name
+            assert not (torch.signbit(w) & (w == 0)).any(), name
+            assert int((w == 0).sum()) == zeros[name], name
+    assert all("learned_masks" in b for b in report["block_update"])
+    if arch in ("llama", "qwen3", "gemma3", "mixtral"):  # nn.Linear attention at least
+        assert sum(b["learned_masks"] for b in report["block_update"]) > 0
+
+
+def test_learned_masks_move_and_only_the_best_epoch_is_kept(calib_txt, tmp_path):
+    """On a Llama, the refit moves some groups' patterns away from the solver's, the held-out loss it
+    keeps is never above the solver's, and a block whose refit is not kept has the solver's masks."""
+    src = make_tiny_model("llama", str(tmp_path / "src"))
+    report = prune(src, None, calib=calib_txt, method="sparsegpt", pattern="2:4", nsamples=16, seqlen=64,
+                   progress=False, update="block", block_epochs=4, learn_masks=True).report
+    blocks = report["block_update"]
+    assert any(b["groups_changed"] > 0 for b in blocks)
+    assert all(b["heldout_loss_after"] <= b["heldout_loss_before"] for b in blocks)
+    assert all(b["groups_changed"] == 0 for b in blocks if not b["kept"])
+
+
+def test_the_patterns_table():
+    from oneshot.updates.learned import patterns
+
+    table = patterns(2, 4)
+    assert table.shape == (6, 4) and (table.sum(1) == 2).all() and len({tuple(r.tolist()) for r in table}) == 6
+    assert patterns(4, 8).shape == (70, 8)
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"learn_masks": True, "pattern": "2:4"}, "needs --update block"),
+    ({"learn_masks": True, "update": "block"}, "unstructured masks are not learned yet"),
+    ({"block_loss": "l1", "update": "block"}, "--block-loss must be"),
+])
+def test_learn_masks_and_block_loss_refused_in_one_line(extra, message, calib_txt, tmp_path):
+    from oneshot.errors import OneshotError
+
+    src = make_tiny_model("llama", str(tmp_path / "src"))
+    with pytest.raises(OneshotError, match=message):
+        prune(src, str(tmp_path / "out"), calib=calib_txt, method="sparsegpt", nsamples=4, seqlen=32, progress=False,
+              **extra)

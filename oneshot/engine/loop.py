@@ -410,6 +410,15 @@ def _check_model(plan: _Plan, model, layers, input_ids: torch.Tensor, captured: 
         check.close()
 
 
+def _learn(block: dict, pruner: LayerPruner | None) -> dict | None:
+    """``--learn-masks``: what the refit needs to move the N:M masks (the dense weights), or None."""
+    if not block.get("learn_masks") or pruner is None or not pruner.solver.constraint.is_nm:
+        return None
+    solver = pruner.solver
+    dense = {name: w for name, w in solver.dense.items() if name not in solver.permutations}
+    return {"n": solver.constraint.n, "m": solver.constraint.m, "dense": dense}
+
+
 def _block_update(plan: _Plan, i: int, prefix: str, layer, linears: dict, pruner: LayerPruner | None,
                   captured: Captured, targets: list, state: RunState, phases: dict) -> None:
     """``--update block``: refit the kept weights of the pruned layer, masks frozen (``pruner`` None: a
@@ -428,7 +437,7 @@ def _block_update(plan: _Plan, i: int, prefix: str, layer, linears: dict, pruner
             [move(captured.layer_args[b][i], plan.store, plan.compute) for b in range(len(captured.hidden))],
             targets, plan.heldout or max(1, plan.nsamples // 8), epochs=int(block["epochs"]), lr=float(block["lr"]),
             batch_windows=int(block["batch_windows"]), seed=int(block.get("seed", 0)) + i, device=plan.device,
-            loss=block.get("loss", "relative"),
+            loss=block.get("loss", "relative"), learn=_learn(block, pruner),
         )
     if plan.compute is not None:  # the trained weights, rounded to the stored dtype
         for param in {id(p): p for p in map(matrix_parameter, linears.values())}.values():

@@ -14,11 +14,15 @@ the masks, so sparsity and N:M groups stay exact.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from ..model.structure import in_weight_layout, matrix_parameter
 from ..tensors import call_layer, map_tensors, move
+from .learned import learnable, score_lr, temperature
 
 
 def slice_windows(obj, index: torch.Tensor, batch: int):
@@ -93,8 +97,12 @@ def trainable(linears: dict[str, nn.Module], masks: dict[str, torch.Tensor], dev
 
 def reconstruct_block(layer: nn.Module, linears: dict[str, nn.Module], masks: dict[str, torch.Tensor],
                       hidden: list[torch.Tensor], layer_args: list, targets: list[torch.Tensor], heldout: int,
-                      *, epochs: int, lr: float, batch_windows: int, seed: int, device, loss: str = "relative") -> dict:
+                      *, epochs: int, lr: float, batch_windows: int, seed: int, device, loss: str = "relative",
+                      learn: dict | None = None) -> dict:
     """Fit the kept weights of ``layer`` in place; returns what the report says.
+
+    ``learn``: ``{"n", "m", "dense": {name: dense [out, in] weight}}`` to let the N:M masks of the
+    plain linears move too (:mod:`.learned`); the masks of the others stay the solver's.
 
     ``hidden``/``layer_args``/``targets`` are per captured forward batch; the last ``heldout``
     windows judge. The block is trained in fp32 and cast back to its dtype; no gradient outlives the fit
@@ -110,15 +118,28 @@ def reconstruct_block(layer: nn.Module, linears: dict[str, nn.Module], masks: di
     flags = [(p, p.requires_grad) for p in layer.parameters()]
     for p, _ in flags:
         p.requires_grad_(False)
+    learners = learnable(linears, masks, learn["dense"], learn["n"], learn["m"]) if learn else {}
+    moving = {id(lm.module.weight) for lm in learners.values()}
+    names = {id(p): n for n, p in layer.named_parameters()}
     params, pruned = trainable(linears, masks, device)
+    frozen = [(p, off) for p, off in zip(params, pruned) if id(p) not in moving]
+    params, pruned = [p for p, _ in frozen], [off for _, off in frozen]
     original = [p.detach().clone() for p in params]
+    original_learned = {name: lm.module.weight.detach().clone() for name, lm in learners.items()}
     for p in params:
         p.requires_grad_(True)
+    tau = [1.0]
 
     def loss_on(idx: list[int], grad: bool) -> torch.Tensor:
         h, a, kw = _stack([windows[i] for i in idx], device)
         with torch.set_grad_enabled(grad):
-            out = call_layer(layer, h, a, kw)
+            if learners:
+                weights = {names[id(lm.module.weight)]: (lm.effective(tau[0]) if grad else lm.final())
+                           for lm in learners.values()}
+                out = functional_call(layer, weights, (h, *a), kw)
+                out = out[0] if isinstance(out, (tuple, list)) else out
+            else:
+                out = call_layer(layer, h, a, kw)
             return block_loss(out, target[idx].to(device), loss)
 
     def heldout_loss() -> float:
@@ -130,19 +151,31 @@ def reconstruct_block(layer: nn.Module, linears: dict[str, nn.Module], masks: di
 
     before = heldout_loss()
     best, best_epoch, best_state = before, 0, original
-    opt = torch.optim.Adam(params, lr=lr)
+    best_learned, changed = original_learned, 0.0
+    steps_per_epoch = math.ceil(len(fit_idx) / batch_windows)
+    moving_steps = steps_per_epoch * max(epochs - 1, 1)  # the scores freeze for the last epoch
+    groups = [{"params": params + [lm.weight for lm in learners.values()], "lr": lr}]
+    if learners:
+        groups.append({"params": [lm.scores for lm in learners.values()], "lr": score_lr(moving_steps)})
+    opt = torch.optim.Adam([g for g in groups if g["params"]])
     gen = torch.Generator().manual_seed(seed)
     history = []
+    step = 0
     try:
         for epoch in range(1, epochs + 1):
             order = torch.randperm(len(fit_idx), generator=gen).tolist()
+            scores_move = learners and (epoch < epochs or epochs == 1)
+            for lm in learners.values():
+                lm.scores.requires_grad_(bool(scores_move))
             for start in range(0, len(order), batch_windows):
                 part = [fit_idx[i] for i in order[start : start + batch_windows]]
+                tau[0] = temperature(step, moving_steps)
                 opt.zero_grad(set_to_none=True)
                 loss_on(part, True).backward()
                 for p, off in zip(params, pruned):
                     p.grad.masked_fill_(off, 0.0)
                 opt.step()
+                step += 1
                 with torch.no_grad():
                     for p, off in zip(params, pruned):
                         p.masked_fill_(off, 0.0)  # +0.0, never -0.0
@@ -151,10 +184,15 @@ def reconstruct_block(layer: nn.Module, linears: dict[str, nn.Module], masks: di
             if val < best:
                 best, best_epoch = val, epoch
                 best_state = [p.detach().clone() for p in params]
+                best_learned = {name: lm.final() for name, lm in learners.items()}
+                changed = (sum(lm.changed() * lm.scores.shape[0] * lm.scores.shape[1] for lm in learners.values())
+                           / max(1, sum(lm.scores.shape[0] * lm.scores.shape[1] for lm in learners.values())))
     finally:
         with torch.no_grad():
             for p, w in zip(params, best_state):
                 p.copy_(w)
+            for name, lm in learners.items():
+                lm.module.weight.copy_(best_learned[name])
         for p, flag in flags:
             p.grad = None
             p.requires_grad_(flag)
@@ -168,4 +206,5 @@ def reconstruct_block(layer: nn.Module, linears: dict[str, nn.Module], masks: di
         "fit_windows": len(fit_idx),
         "heldout_windows": len(val_idx),
         "loss": loss,
+        **({"learned_masks": len(learners), "groups_changed": round(changed, 6)} if learn else {}),
     }
