@@ -46,7 +46,7 @@ def _refit_worse(monkeypatch) -> None:
     monkeypatch.setattr(loop, "heldout_loss", fake)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3_moe"])
 def test_the_refit_is_checked_on_the_whole_model(arch, calib_txt, tmp_path):
     """Both held-out losses are measured through the model's head (gemma3: scaled embeddings,
     sliding-window layers, norms around the MLP; qwen3_moe: experts) and the decision follows them;
@@ -146,8 +146,8 @@ def test_learned_nm_masks_end_exact_on_every_architecture(arch, calib_txt, tmp_p
     the report says how many linears learned their masks (fused experts and Conv1D keep the solver's)."""
     dtype = torch.bfloat16 if ALL.index(arch) % 2 else torch.float32
     src = make_tiny_model(arch, str(tmp_path / "src"), dtype=dtype)
-    report = prune(src, str(tmp_path / "out"), calib=calib_txt, method="sparsegpt", pattern="2:4", nsamples=4,
-                   seqlen=32, progress=False, update="block", block_epochs=1, learn_masks=True).report
+    report = prune(src, str(tmp_path / "out"), calib=calib_txt, method="sparsegpt", pattern="2:4", nsamples=2,
+                   seqlen=16, progress=False, update="block", block_epochs=1, learn_masks=True).report
     from transformers import AutoModelForCausalLM
 
     from oneshot.model.structure import find_decoder_layers, find_linears, get_weight
