@@ -88,17 +88,13 @@ def _prune_parser(sub) -> None:
     _opt(g, "--block-epochs", "block: epochs of Adam per decoder block", type=int)
     _opt(g, "--block-lr", "block: Adam learning rate", type=float)
     _opt(g, "--block-batch", "block: windows per step", type=int)
-    _opt(g, "--block-target", "block: match the dense model's hidden state at this depth (model) or the dense "
-         "block on the same inputs (layer)", choices=("layer", "model"))
-    _opt(g, "--learn-masks", "block: the N:M masks move too during the refit (each group's pattern learned, "
-         "started from the solver's)", action="store_true")
-    _opt(g, "--block-loss", "block: each token's squared error over its target's (relative), or the plain mean "
-         "squared error (mse), which the few attention-sink tokens of a window dominate", choices=("relative", "mse"))
+    _opt(g, "--block-target", "block: match the dense model (model) or block (layer)", choices=("layer", "model"))
+    _opt(g, "--learn-masks", "block: learn each N:M group's pattern too", action="store_true")
+    _opt(g, "--block-loss", "block: per-token relative error, or plain mse", choices=("relative", "mse"))
     g = p.add_argument_group("mixture-of-experts models")
     _opt(g, "--moe-calibrate", "each expert's statistics from every calibration token (all) or only those its router "
          "sends it (routed); the layer's output always keeps the real routing", choices=("all", "routed"))
-    _opt(g, "--remove-experts", "remove this fraction of every MoE layer's experts (a smaller ordinary checkpoint)",
-         type=float, metavar="FRACTION")
+    _opt(g, "--remove-experts", "remove this fraction of every MoE layer's experts", type=float, metavar="FRACTION")
     _opt(g, "--expert-score", "which experts --remove-experts removes: lowest REAP saliency (mean router weight x "
          "output norm over routed tokens) or fewest routed tokens", choices=("reap", "frequency"))
     g = p.add_argument_group("structured pruning: a smaller model every runtime runs faster")

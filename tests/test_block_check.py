@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import oneshot.engine.guard as guard
-import oneshot.engine.loop as loop
 from oneshot import prune
 from oneshot.constraint import Constraint
 from oneshot.formats.store import load_state_dict
@@ -36,14 +35,14 @@ def _record_solver_weights(monkeypatch) -> dict[int, dict[str, torch.Tensor]]:
 def _refit_worse(monkeypatch) -> None:
     """The whole-model check sees the refit as worse: the first loss it asks (the refit's) is higher."""
     calls = []
-    original = loop.heldout_loss
+    original = guard.heldout_loss
 
     def fake(*args, **kwargs):
         real = original(*args, **kwargs)  # the real forward still runs
         calls.append(real)
         return 10.0 if len(calls) % 2 == 1 else 1.0
 
-    monkeypatch.setattr(loop, "heldout_loss", fake)
+    monkeypatch.setattr(guard, "heldout_loss", fake)
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "qwen3_moe"])
@@ -110,7 +109,7 @@ def test_a_kept_refit_changes_the_weights(calib_txt, tmp_path, monkeypatch):
         calls.append(1)
         return 1.0 if len(calls) % 2 == 1 else 10.0
 
-    monkeypatch.setattr(loop, "heldout_loss", better)
+    monkeypatch.setattr(guard, "heldout_loss", better)
     report = prune(src, str(tmp_path / "out"), calib=calib_txt, **OPTIONS).report
     assert report["block_update_check"]["kept"] is True
     out = load_state_dict(str(tmp_path / "out"))

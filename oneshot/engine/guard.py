@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..tensors import call_layer, move
-from ..updates.block import _stack, _windows
+from ..updates.block import stack_windows, windows_of
 from .capture import Captured, pass_through
 
 SOLVER_FILE = "solver-{:05d}.safetensors"
@@ -64,7 +64,7 @@ class ModelCheck:
                 self.saved.add(int(name[len("solver-"):-len(".safetensors")]))
 
     def _args(self, captured: Captured, i: int, store) -> list[tuple]:
-        return _windows(captured.hidden, [captured.layer_args[b][i] for b in range(len(captured.hidden))],
+        return windows_of(captured.hidden, [captured.layer_args[b][i] for b in range(len(captured.hidden))],
                         store)[self.first:]
 
     @torch.no_grad()
@@ -82,7 +82,7 @@ class ModelCheck:
         items = [(h, a, kw) for h, (_, a, kw) in zip(self.stream, windows)]
         out = []
         for start in range(0, len(items), 4):
-            h, a, kw = _stack(items[start : start + 4], device)
+            h, a, kw = stack_windows(items[start : start + 4], device)
             y = call_layer(layer, move(h, device, compute), move(a, device, compute), move(kw, device, compute))
             out.extend(y[k : k + 1].to("cpu") for k in range(y.shape[0]))
         self.stream = out
@@ -100,6 +100,38 @@ class ModelCheck:
             set_module_tensor_to_device(layer, name, device, value=value)
         with safe_open(path, "pt") as fh:
             return json.loads((fh.metadata() or {}).get("counts", "{}"))
+
+    def decide(self, model, layers: nn.ModuleList, input_ids: torch.Tensor, hidden: list[torch.Tensor], state,
+               io, on_restore, device, compute) -> dict:
+        """After the last layer (``hidden``: the refitted stream's final states): the held-out
+        next-token loss of the refitted model and of the solver's weights alone; when the refit's is
+        worse, every layer gets its solver weights back (``on_restore(i, layer, state)`` after each,
+        with the report's counts the solver's). Returns the report's ``block_update_check``."""
+        try:
+            ids = input_ids[self.first:]
+            refit = heldout_loss(model, layers, ids, self.select(hidden), device, io, compute)
+            solver = heldout_loss(model, layers, ids, self.stream, device, io, compute)
+            kept = refit <= solver
+            if not kept:
+                by_name = {entry["name"]: entry for entry in state.reports}
+                for i in sorted(self.saved):
+                    for name, (sparsity, zeros) in self.restore(i, layers[i]).items():
+                        if name in by_name:
+                            by_name[name].update(sparsity=sparsity, zeros=zeros)
+                    if on_restore is not None:
+                        on_restore(i, layers[i], state.as_dict())
+                    if io.streaming:
+                        layers[i].to("meta")
+                for entry in state.blocks:
+                    entry["undone"] = True
+                state.notes.append(
+                    f"--update block: the refitted model's held-out loss ({refit:.4f}) is worse than the solver's "
+                    f"weights' alone ({solver:.4f}), so every layer has its solver weights back (the linears' "
+                    "relative_error entries are those of the refit)")
+            return {"heldout_loss_refit": round(refit, 6), "heldout_loss_solver": round(solver, 6), "kept": kept,
+                    "heldout_windows": int(ids.shape[0])}
+        finally:
+            self.close()
 
     def close(self) -> None:
         if self._tmp is not None:

@@ -24,16 +24,17 @@ from ..solvers import SOLVERS, SolverSpec, solver_needs_hessian
 from ..tensors import all_finite, call_layer, move
 from ..updates import WEIGHT_UPDATES
 from ..updates.block import reconstruct_block
+from ..updates.learned import learn_options
 from .batching import activation_store, plan_batches
 from .capture import Captured, StopForward, capture_inputs, layer_inputs
 from .collect import collect, routed_tokens
-from .guard import ModelCheck, heldout_loss
+from .guard import ModelCheck
 from .layer import LayerPruner
 from .layerio import LayerIO, onload, restore
 from .moe import remove_experts, score_experts
 from .owl import owl_densities
 from .state import RunState
-from .statistics import overflow_advice
+from .statistics import check_finite_weights, overflow_advice
 
 ERROR_TOKENS = 2048  # the forward hook measures each linear's output error on this many calibration tokens
 
@@ -62,15 +63,6 @@ class _Plan:
     moe: dict  # {"calibrate": "all"|"routed", "remove": fraction or None, "score": "reap"|"frequency"}
     config: object  # the model's (text) config: expert counts change when experts are removed
     check: ModelCheck | None = None  # --update block: the solver stream and weights, for the whole-model check
-
-
-def check_finite_weights(module: torch.nn.Module, prefix: str) -> None:
-    """NaN/Inf where it first appears: a weight of the checkpoint, named, before any input is blamed."""
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if tensor.is_floating_point() and tensor.numel() and not all_finite(tensor):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise OneshotError(f"{prefix}.{name}: the checkpoint holds {bad} NaN/Inf value(s) in this weight; "
-                               "the checkpoint is damaged: download or convert it again")
 
 
 @torch.no_grad()
@@ -105,10 +97,9 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
     ``first_window`` of all. ``structure``: a :class:`~oneshot.structured.Remover` whose blocks to
     drop are chosen: those are skipped (their tensors never written), and every other layer gives up
     its heads and channels before it is pruned; ``method`` None: nothing pruned after that.
-    ``scratch``: where ``--update block`` keeps each layer's solver weights (the journal's directory,
-    so a resumed run has them; None: a temporary one); ``on_restore(i, layer, state)``: called for each
-    layer that got its solver weights back because the refit made the whole model worse
-    (:mod:`.guard`), where a streamed run rewrites its shard.
+    ``scratch``: where ``--update block`` keeps each layer's solver weights (the journal's directory, or
+    None: a temporary one); ``on_restore(i, layer, state)``: called for each layer given its solver
+    weights back because the refit made the whole model worse (:mod:`.guard`).
     """
     from tqdm.auto import tqdm
 
@@ -250,7 +241,9 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
             bar.set_postfix(err=f"{sum(e['relative_error'] for e in layer_linears) / len(layer_linears):.3g}")
         bar.update(1)
     bar.close()
-    check = _check_model(plan, model, layers, input_ids, captured, state, io, on_restore) if plan.check else None
+    check = None
+    if plan.check is not None:
+        check = plan.check.decide(model, layers, input_ids, captured.hidden, state, io, on_restore, device, compute)
     io.finish(model)
     body = {
         "layers_path": path,
@@ -378,47 +371,6 @@ def _advance_check(plan: _Plan, layer, i: int, captured: Captured, state: RunSta
         state.solver_stream = plan.check.stream
 
 
-def _check_model(plan: _Plan, model, layers, input_ids: torch.Tensor, captured: Captured, state: RunState, io,
-                 on_restore) -> dict:
-    """After the last layer: the held-out next-token loss of the refitted model and of the solver's
-    weights alone; when the refit's is worse, every layer gets its solver weights back."""
-    check = plan.check
-    try:
-        ids = input_ids[check.first:]
-        refit = heldout_loss(model, layers, ids, check.select(captured.hidden), plan.device, io, plan.compute)
-        solver = heldout_loss(model, layers, ids, check.stream, plan.device, io, plan.compute)
-        kept = refit <= solver
-        if not kept:
-            by_name = {entry["name"]: entry for entry in state.reports}
-            for i in sorted(check.saved):
-                for name, (sparsity, zeros) in check.restore(i, layers[i]).items():
-                    if name in by_name:
-                        by_name[name].update(sparsity=sparsity, zeros=zeros)
-                if on_restore is not None:
-                    on_restore(i, layers[i], state.as_dict())
-                if io.streaming:
-                    layers[i].to("meta")
-            for entry in state.blocks:
-                entry["undone"] = True
-            state.notes.append(
-                f"--update block: the refitted model's held-out loss ({refit:.4f}) is worse than the solver's weights' "
-                f"alone ({solver:.4f}), so every layer has its solver weights back (the linears' relative_error "
-                "entries are those of the refit)")
-        return {"heldout_loss_refit": round(refit, 6), "heldout_loss_solver": round(solver, 6), "kept": kept,
-                "heldout_windows": int(ids.shape[0])}
-    finally:
-        check.close()
-
-
-def _learn(block: dict, pruner: LayerPruner | None) -> dict | None:
-    """``--learn-masks``: what the refit needs to move the N:M masks (the dense weights), or None."""
-    if not block.get("learn_masks") or pruner is None or not pruner.solver.constraint.is_nm:
-        return None
-    solver = pruner.solver
-    dense = {name: w for name, w in solver.dense.items() if name not in solver.permutations}
-    return {"n": solver.constraint.n, "m": solver.constraint.m, "dense": dense}
-
-
 def _block_update(plan: _Plan, i: int, prefix: str, layer, linears: dict, pruner: LayerPruner | None,
                   captured: Captured, targets: list, state: RunState, phases: dict) -> None:
     """``--update block``: refit the kept weights of the pruned layer, masks frozen (``pruner`` None: a
@@ -437,7 +389,7 @@ def _block_update(plan: _Plan, i: int, prefix: str, layer, linears: dict, pruner
             [move(captured.layer_args[b][i], plan.store, plan.compute) for b in range(len(captured.hidden))],
             targets, plan.heldout or max(1, plan.nsamples // 8), epochs=int(block["epochs"]), lr=float(block["lr"]),
             batch_windows=int(block["batch_windows"]), seed=int(block.get("seed", 0)) + i, device=plan.device,
-            loss=block.get("loss", "relative"), learn=_learn(block, pruner),
+            loss=block.get("loss", "relative"), learn=learn_options(block, pruner.solver if pruner else None),
         )
     if plan.compute is not None:  # the trained weights, rounded to the stored dtype
         for param in {id(p): p for p in map(matrix_parameter, linears.values())}.values():

@@ -67,6 +67,15 @@ def add_inputs(st: Stats, x: torch.Tensor) -> None:
         st.sq_norms.add_((x * x).sum(0))
 
 
+def check_finite_weights(module: torch.nn.Module, prefix: str) -> None:
+    """NaN/Inf where it first appears: a weight of the checkpoint, named, before any input is blamed."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and tensor.numel() and not all_finite(tensor):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise OneshotError(f"{prefix}.{name}: the checkpoint holds {bad} NaN/Inf value(s) in this weight; "
+                               "the checkpoint is damaged: download or convert it again")
+
+
 def overflow_advice(dtype: torch.dtype) -> str:
     """What to try when activations overflow in ``dtype``."""
     if dtype in (torch.float16, torch.bfloat16):

@@ -31,7 +31,7 @@ def slice_windows(obj, index: torch.Tensor, batch: int):
     return map_tensors(obj, lambda t: t[index] if t.dim() > 0 and t.shape[0] == batch and batch > 1 else t)
 
 
-def _windows(hidden: list[torch.Tensor], args: list, device) -> list[tuple]:
+def windows_of(hidden: list[torch.Tensor], args: list, device) -> list[tuple]:
     """One (hidden, args, kwargs) per window, from the per-batch captured inputs."""
     out = []
     for h, (a, kw) in zip(hidden, args):
@@ -42,7 +42,7 @@ def _windows(hidden: list[torch.Tensor], args: list, device) -> list[tuple]:
     return out
 
 
-def _stack(items: list[tuple], device):
+def stack_windows(items: list[tuple], device):
     """Concatenate windows that share the same args structure into one forward batch."""
     hidden = torch.cat([h for h, _, _ in items]).to(device)
 
@@ -108,7 +108,7 @@ def reconstruct_block(layer: nn.Module, linears: dict[str, nn.Module], masks: di
     windows judge. The block is trained in fp32 and cast back to its dtype; no gradient outlives the fit
     (PyTorch refuses a float32 gradient on a parameter cast back to 16 bits).
     """
-    windows = _windows(hidden, layer_args, device)
+    windows = windows_of(hidden, layer_args, device)
     target = torch.cat(list(targets))  # [windows, seq, hidden]
     n = len(windows)
     heldout = max(1, min(heldout, n - 1))
@@ -131,7 +131,7 @@ def reconstruct_block(layer: nn.Module, linears: dict[str, nn.Module], masks: di
     tau = [1.0]
 
     def loss_on(idx: list[int], grad: bool) -> torch.Tensor:
-        h, a, kw = _stack([windows[i] for i in idx], device)
+        h, a, kw = stack_windows([windows[i] for i in idx], device)
         with torch.set_grad_enabled(grad):
             if learners:
                 weights = {names[id(lm.module.weight)]: (lm.effective(tau[0]) if grad else lm.final())

@@ -91,3 +91,12 @@ def learnable(linears: dict[str, nn.Module], masks: dict[str, torch.Tensor], den
 def temperature(step: int, total: int) -> float:
     """Annealed geometrically from 1 to 0.05 over the steps that move the scores."""
     return math.exp(math.log(0.05) * min(1.0, step / max(total - 1, 1)))
+
+
+def learn_options(block: dict, solver) -> dict | None:
+    """``--learn-masks``: what the refit needs to move a layer's N:M masks (its dense weights, from the
+    solver that pruned it), or None (not asked, or not N:M)."""
+    if not block.get("learn_masks") or solver is None or not solver.constraint.is_nm:
+        return None
+    dense = {name: w for name, w in solver.dense.items() if name not in solver.permutations}
+    return {"n": solver.constraint.n, "m": solver.constraint.m, "dense": dense}
