@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +87,36 @@ def describe_calls(calls: list[int], n: int) -> str:
     return f"[{shown}] ({len(calls)} calls, {n} layers)"
 
 
+def prepare_outside(model, layers: nn.ModuleList, io: LayerIO, device) -> None:
+    """``io.prepare``, with the decoder layers out of the model while it moves (embeddings, rotary
+    tables and norms go to ``device``, the layers stay where they are)."""
+    originals = list(layers)
+    for i in range(len(layers)):
+        layers[i] = nn.Identity()
+    try:
+        io.prepare(model, device)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
+@contextmanager
+def forwards_replaced(layers: list[nn.Module], forwards: list):
+    """Each layer's ``forward`` set to the given one on the layer object, and put back after (a hook
+    library's own wrapper on the instance is kept)."""
+    own = [layer.__dict__.get("forward") for layer in layers]
+    for layer, forward in zip(layers, forwards):
+        layer.forward = forward
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
+
+
 @dataclass
 class Captured:
     """Per batch: the hidden states entering the current layer, and every layer's own (args, kwargs)."""
@@ -102,19 +133,11 @@ def capture_inputs(model, layers: nn.ModuleList, batches: list[torch.Tensor], de
     originals = list(layers)
     owner = next((m for m in model.modules() if any(c is layers for c in m.children())), None)
     outputs = pass_through(owner, originals[0]) if owner is not None else 1
-    for i in range(len(layers)):  # out of the model while it moves: embeddings, rotary tables and norms go
-        layers[i] = nn.Identity()
-    try:
-        io.prepare(model, device)
-    finally:
-        for i, layer in enumerate(originals):
-            layers[i] = layer
+    prepare_outside(model, layers, io, device)
     sink: list = []
-    own = [layer.__dict__.get("forward") for layer in originals]  # a hook library's wrapper, kept
-    for i, layer in enumerate(originals):
-        layer.forward = recorder(i, sink, last=i == len(layers) - 1, outputs=outputs)
     captured = Captured()
-    try:
+    with forwards_replaced(originals, [recorder(i, sink, last=i == len(layers) - 1, outputs=outputs)
+                                       for i in range(len(originals))]):
         for ids in batches:
             sink.clear()
             try:
@@ -139,12 +162,6 @@ def capture_inputs(model, layers: nn.ModuleList, batches: list[torch.Tensor], de
                 )
             captured.hidden.append(sink[0][1].to(store))
             captured.layer_args.append([(move(rest, store), move(kw, store)) for _, _, rest, kw in sink])
-    finally:
-        for layer, forward in zip(originals, own):
-            if forward is None:
-                del layer.forward
-            else:
-                layer.forward = forward
     return captured
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..tensors import call_layer, move
 from ..updates.block import stack_windows, windows_of
-from .capture import Captured, pass_through
+from .capture import Captured, forwards_replaced, pass_through, prepare_outside
 
 SOLVER_FILE = "solver-{:05d}.safetensors"
 
@@ -148,14 +148,8 @@ def heldout_loss(model, layers: nn.ModuleList, ids: torch.Tensor, finals: list[t
     originals = list(layers)
     owner = next((m for m in model.modules() if any(c is layers for c in m.children())), None)
     outputs = pass_through(owner, originals[0]) if owner is not None else 1
-    for k in range(len(layers)):
-        layers[k] = nn.Identity()
-    try:
-        io.prepare(model, device)
-        io.prepare_head(model, device)
-    finally:
-        for k, layer in enumerate(originals):
-            layers[k] = layer
+    prepare_outside(model, layers, io, device)
+    io.prepare_head(model, device)
     cast = {}
     if compute is not None:  # the head in the compute dtype (exactly back to the stored one after)
         layer_params = {id(p) for layer in originals for p in layer.parameters()}
@@ -164,7 +158,6 @@ def heldout_loss(model, layers: nn.ModuleList, ids: torch.Tensor, finals: list[t
                 cast[p] = p.dtype
                 p.data = p.data.to(compute)
     current: list[torch.Tensor] = []
-    own = [layer.__dict__.get("forward") for layer in originals]
 
     def stand_in(last: bool):
         def forward(*args, **kwargs):
@@ -174,23 +167,17 @@ def heldout_loss(model, layers: nn.ModuleList, ids: torch.Tensor, finals: list[t
 
         return forward
 
-    for k, layer in enumerate(originals):
-        layer.forward = stand_in(k == len(originals) - 1)
     total, count = 0.0, 0
     try:
-        for w in range(ids.shape[0]):
-            current[:] = [finals[w].to(device, compute or finals[w].dtype)]
-            window = ids[w : w + 1].to(device)
-            logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum")
-            total += float(loss)
-            count += window.shape[1] - 1
+        with forwards_replaced(originals, [stand_in(k == len(originals) - 1) for k in range(len(originals))]):
+            for w in range(ids.shape[0]):
+                current[:] = [finals[w].to(device, compute or finals[w].dtype)]
+                window = ids[w : w + 1].to(device)
+                logits = model(input_ids=window, use_cache=False).logits[0, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum")
+                total += float(loss)
+                count += window.shape[1] - 1
     finally:
-        for layer, forward in zip(originals, own):
-            if forward is None:
-                del layer.forward
-            else:
-                layer.forward = forward
         for p, dtype in cast.items():
             p.data = p.data.to(dtype)
         io.captured(model)
