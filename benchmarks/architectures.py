@@ -1,7 +1,8 @@
 """Every causal-LM model type transformers registers, shrunk to a tiny random model (common size keys
 set small where the config has them), pruned in memory with Wanda 50%: one JSON line per type, with
-``ok`` (and the coverage), ``refused`` (oneshot's one line), ``build-fail`` (transformers could not
-build it at these sizes) or ``TRACEBACK``.
+``ok`` (coverage, and the written output reloads with transformers to the pruned model's logits),
+``refused`` (oneshot's one line), ``build-fail`` (transformers could not build it, or its own forward
+fails, at these sizes), ``reload-differs`` or ``TRACEBACK``.
 
     python benchmarks/architectures.py               # all types, one subprocess each (90 s limit)
     python benchmarks/architectures.py llama bamba   # these, in this process
@@ -10,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -33,18 +35,47 @@ ids = tok(sample_text(3000, 1), add_special_tokens=False, return_tensors="pt")["
 windows = torch.stack([ids[i * 32:(i + 1) * 32] for i in range(4)])
 
 
+def small(d: dict) -> dict:
+    """The SMALL sizes this config has, kept consistent: MLA's rotary head is the head size its rotary
+    table uses; DSA indexers get as many heads as attention; per-layer lists keep one layer of each kind."""
+    kw = {k: v for k, v in SMALL.items() if k in d}
+    if "qk_rope_head_dim" in kw and "head_dim" in kw:
+        kw["head_dim"] = kw["qk_rope_head_dim"]
+    if "kv_lora_rank" in kw and "num_key_value_heads" in kw:  # MLA: keys and values for every query head
+        kw["num_key_value_heads"] = kw["num_attention_heads"]
+    for key, value in (("index_n_heads", 4), ("index_head_dim", 16), ("first_dense_intermediate_size", 128),
+                       ("shared_intermediate_size", 32), ("intermediate_size_mlp", 128),
+                       ("num_experts_per_token", 2), ("num_expert_group", 2)):
+        if key in d:
+            kw[key] = value
+    for key in ("layer_types", "mlp_layer_types"):
+        if isinstance(d.get(key), list) and d[key]:
+            kinds = list(dict.fromkeys(d[key]))
+            kw["num_hidden_layers"] = max(kw.get("num_hidden_layers", 2), len(kinds))
+    for key in ("layer_types", "mlp_layer_types"):
+        if isinstance(d.get(key), list) and d[key]:
+            kinds = list(dict.fromkeys(d[key]))
+            kw[key] = (kinds * kw["num_hidden_layers"])[: kw["num_hidden_layers"]]
+    return kw
+
+
 def one(mt):
     try:
-        base = AutoConfig.for_model(mt)
-        d = base.to_dict()
-        kw = {k: v for k, v in SMALL.items() if k in d}
-        cfg = AutoConfig.for_model(mt, **kw)
+        cfg = AutoConfig.for_model(mt, **small(AutoConfig.for_model(mt).to_dict()))
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        with torch.no_grad():
+            dense = model(windows).logits
     except Exception as e:
         return "build-fail", f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
     try:
-        r = oneshot.prune(model, calibration=windows, method="wanda", sparsity=0.5, progress=False)
+        with tempfile.TemporaryDirectory() as out:
+            r = oneshot.prune(model, calibration=windows, method="wanda", sparsity=0.5, progress=False, out=out)
+            with torch.no_grad():
+                pruned = model(windows).logits
+                back = AutoModelForCausalLM.from_pretrained(out).eval()(windows).logits
+        if torch.equal(pruned, dense) or not torch.allclose(back, pruned, atol=1e-4, rtol=1e-4):
+            return "reload-differs", float((back - pruned).abs().max())
         return "ok", r.report["coverage"]["share_of_prunable"]
     except OneshotError as e:
         return "refused", str(e)[:300]

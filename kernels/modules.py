@@ -56,6 +56,19 @@ class SparseLinear(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.packed.dtype
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """A stand-in with the weight's shape, dtype and device, for model code that reads
+        ``o_proj.weight.dtype`` (Ergo): one NaN expanded, so arithmetic on it shows instead of passing
+        silently. The values live in the sparse parts."""
+        if "weight" in self._parts:  # a DenseWeight's own buffer (AttributeError until it is registered)
+            if "weight" not in self._buffers:
+                raise AttributeError("weight")
+            return self._buffers["weight"]
+        part = getattr(self, self._parts[0])
+        return torch.full((), float("nan"), dtype=self.dtype, device=part.device).expand(self.out_features,
+                                                                                        self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_perm is not None:
             x = x.index_select(-1, self.input_perm)

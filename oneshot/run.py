@@ -351,8 +351,7 @@ class Run:
             save_metadata(self.streamed, self.streamed.directory, self.tokenizer, tmp)
         else:
             save_model(self.model, self.tokenizer, tmp)
-            if any("tensor" in entry for entry in sidecar["layers"].values()):  # experts: as save_pretrained wrote them
-                sidecar["layers"] = on_disk(sidecar["layers"], read_raw(tmp, "dense"), self.model)
+            sidecar["layers"] = on_disk(sidecar["layers"], read_raw(tmp, "dense"), self.model)  # as written
         if self.journal is not None:
             self.journal.remove()
         write_json(os.path.join(tmp, SIDECAR), sidecar)

@@ -1,6 +1,7 @@
 """Layouts beyond the catalogue of tiny.py, built here: a model whose forward reads attributes of its
 layer objects, layers that return tuples, state carried from layer to layer, layers called more than
-once, router state in a router's submodule, a forward that fails. Each prunes with coverage 1.000 or is
+once, router state in a router's submodule, a forward that fails, expert containers that take only their
+rows (Llama 4) or call a parent class's forward (Ergo). Each prunes with coverage 1.000 or is
 refused in one line."""
 
 import pytest
@@ -144,3 +145,106 @@ def test_router_state_in_a_routers_submodule_is_router_state():
     coverage = result.report["coverage"]
     assert coverage["share_of_prunable"] == 1.0
     assert any("moe_statics" in k["name"] and k["reason"] == "router" for k in coverage["kept_dense"]), coverage
+
+
+def _llama4():
+    import transformers as tf
+
+    config = tf.Llama4TextConfig(hidden_size=64, intermediate_size=48, intermediate_size_mlp=128,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                 num_local_experts=4, num_experts_per_tok=1, max_position_embeddings=256,
+                                 interleave_moe_layer_step=1, **COMMON)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    for p in model.parameters():  # the experts' parameters start at zero and empty: give them values
+        torch.nn.init.normal_(p, std=0.05) if p.dim() == 3 else None
+    return model
+
+
+@pytest.mark.parametrize("mode", ["routed", "all"])
+def test_experts_that_take_only_their_rows_see_each_experts_tokens(mode):
+    """Llama 4's experts get [E·T, H]: every token once per expert, scaled by its router weight, zero where
+    the router did not send it, and run one ``bmm``. Each expert's statistics come from its own rows."""
+    from oneshot.constraint import Constraint
+    from oneshot.engine.layer import LayerPruner
+    from oneshot.model.experts import ExpertRouting
+    from oneshot.model.structure import find_linears
+    from oneshot.solvers import SOLVERS
+
+    layer = _llama4().model.layers[0]
+    moe = layer.feed_forward
+    x = torch.randn(40, 64)
+    with torch.no_grad():
+        scores, _ = moe.router(x)
+        reference = moe(x)[0]
+        routed = (x.repeat(4, 1) * scores.t().reshape(-1, 1)).reshape(4, 40, 64)
+    linears = find_linears(layer, "L")
+    pruner = LayerPruner(linears, SOLVERS["sparsegpt"], Constraint(0.5), {}, 1, torch.device("cpu"), 0)
+    with pruner, ExpertRouting(layer, "L", linears) as routing, torch.no_grad():
+        routing.record, routing.quiet, routing.all_tokens = True, pruner.paused, mode == "all"
+        with pruner.collecting():
+            pruner.start_batch(0)
+            out = moe(x)[0]
+        pruner.stats.close()
+    assert torch.allclose(out, reference, atol=1e-5), "the block's output keeps the real routing"
+    live = routed.abs().amax(-1) > 0
+    every = routed[live]
+    for e in range(4):
+        xs = routed[e][live[e]] if mode == "routed" else every
+        st = pruner.stats.stats[f"L.feed_forward.experts.{e}.gate_up_proj"]
+        assert st.tokens == xs.shape[0] and torch.allclose(st.hessian, xs.t() @ xs, atol=1e-4)
+        gate, up = (xs @ moe.experts.gate_up_proj[e]).chunk(2, dim=-1)
+        h = up * torch.nn.functional.silu(gate)
+        down = pruner.stats.stats[f"L.feed_forward.experts.{e}.down_proj"]
+        assert torch.allclose(down.hessian, h.t() @ h, atol=1e-4)
+        assert int(routing.blocks["L.feed_forward.experts"].routed[e]) == int(live[e].sum())
+
+
+def test_llama4_experts_prune_exactly_and_reload(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _llama4()
+    result = prune(model, calibration=_windows(), out=str(tmp_path / "out"), **ARGS)
+    assert result.report["coverage"]["share_of_prunable"] == 1.0
+    experts = model.model.layers[0].feed_forward.experts
+    for name in ("gate_up_proj", "down_proj"):
+        for e in range(4):  # stored [in, out]: 50% of each expert's [out, in] rows, exactly
+            w = getattr(experts, name)[e].t()
+            assert ((w == 0).sum(1) == w.shape[1] // 2).all(), (name, e)
+    with pytest.raises(OneshotError, match="--expert-score frequency"):
+        prune(_llama4(), calibration=_windows(), remove_experts=0.5, **ARGS)
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    ids = _windows()
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+
+
+def test_experts_whose_forward_calls_its_parents_forward(tmp_path):
+    """Ergo's experts call ``super().forward`` of a class under transformers' implementation dispatch, and
+    its checkpoints name (and transpose) its matrices otherwise than the model: the sidecar lists every
+    pruned matrix as written, and the sparse load runs them."""
+    import json
+
+    import transformers as tf
+
+    import oneshot
+
+    config = tf.AutoConfig.for_model("ergo", hidden_size=64, first_dense_intermediate_size=128,
+                                     moe_intermediate_size=32, shared_intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                     num_experts=8, num_experts_per_tok=2, max_position_embeddings=256, **COMMON)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    out = str(tmp_path / "out")
+    result = prune(model, calibration=_windows(), out=out, format="bitmask", **ARGS)
+    assert result.report["coverage"]["share_of_prunable"] == 1.0
+    experts = [e for e in result.report["linears"] if ".experts." in e["name"]]
+    assert len(experts) == 2 * 8 and all(e["sparsity"] == 0.5 for e in experts), experts
+    written = json.load(open(f"{out}/oneshot_sparsity.json"))["layers"]
+    assert len(written) == len(result.report["linears"]) and "layers.0.attention.wqkv" in written, sorted(written)
+    assert all(entry["sparsity"] == 0.5 for entry in written.values())
+    plain, fast = oneshot.load(out), oneshot.load(out, kernels="cpu")
+    ids = _windows()
+    with torch.no_grad():
+        assert torch.allclose(fast(ids).logits, plain(ids).logits, atol=1e-4)
+        assert torch.allclose(plain(ids).logits, model(ids).logits, atol=1e-5)

@@ -34,11 +34,11 @@ def sparse_weights(raw: dict, fmt: str, matrices: dict, model) -> tuple[dict, di
 
     weights, kept = {}, {}
     for name, (key, expert, layer, perm) in matrices.items():
-        if expert is not None or layer.get("tensor"):
+        if expert is not None or (layer.get("tensor") and "module" not in layer):
             kept[name] = "an expert of a fused parameter, not a linear"
             continue
         try:
-            module = model.get_submodule(name)
+            module = model.get_submodule(layer.get("module", name))  # a linear written under another name
         except AttributeError:
             kept[name] = "no such module in the loaded model"
             continue
@@ -53,7 +53,7 @@ def sparse_weights(raw: dict, fmt: str, matrices: dict, model) -> tuple[dict, di
             matrix = module.weight.detach()
             matrix = matrix.t() if layer.get("transposed") else matrix
             weight = DenseWeight(matrix.contiguous() if perm is None else matrix[:, perm.long()].contiguous())
-        weights[name] = (weight, perm)
+        weights[layer.get("module", name)] = (weight, perm)
     return weights, kept
 
 

@@ -124,7 +124,8 @@ def is_moe_block(module: nn.Module) -> bool:
 def router_names(layer: nn.Module) -> dict[str, str]:
     """Module path -> why it is a router, for every router in ``layer``'s MoE blocks: a child of a
     block holding experts that scores tokens (a 2-D ``weight`` with one row per expert, or a linear
-    named ``gate``/``router``/``*expert_gate``). Routers stay dense."""
+    named ``gate``/``router``/``*expert_gate``, or a module so named that holds its scoring linear inside).
+    Routers stay dense."""
     found = {}
     for path, block in layer.named_modules():
         if not is_moe_block(block):
@@ -141,7 +142,8 @@ def router_names(layer: nn.Module) -> dict[str, str]:
             weight = getattr(child, "weight", None)
             named = name in ("gate", "router") or name.endswith("expert_gate")
             rows = isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] in (count, 1)
-            if (named and rows) or (rows and not isinstance(child, nn.Linear)):
+            holder = weight is None and any(isinstance(m, nn.Linear) for m in child.modules())  # LongCat's classifier
+            if (named and (rows or holder)) or (rows and not isinstance(child, nn.Linear)):
                 found[f"{path}.{name}" if path else name] = "router"
     return found
 
@@ -199,22 +201,62 @@ class _Fused:
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.bmm, torch.matmul, torch.Tensor.__matmul__, torch.Tensor.matmul, torch.Tensor.bmm) \
+                and len(args) == 2 and isinstance(args[1], _Fused) and isinstance(args[0], torch.Tensor) \
+                and args[0].dim() == 3 and args[0].shape[0] == len(args[1].matrices):
+            return args[1].per_expert(args[0])
         raise OneshotError(f"the experts' forward uses its fused weights whole in {getattr(func, '__name__', func)}; "
                            "this expert layout is not supported (--ignore it)")
 
+    def per_expert(self, x: torch.Tensor) -> torch.Tensor:
+        """``torch.bmm(x, fused)`` with x [E, T, in] (Llama 4's experts): each expert's module on the rows
+        routed to it. Unrouted rows are zero (the router's weight is folded into the input) and give zero
+        without being run, so the hooks see only an expert's own tokens."""
+        outs = []
+        for matrix, name in zip(self.matrices, self.names):
+            if not matrix.transposed:
+                raise OneshotError(f"{name}: used as [in, out] but stored [out, in]; this expert layout is not "
+                                   "supported (--ignore it)")
+            rows = x[matrix.index]
+            live = rows.abs().amax(-1) > 0
+            out = rows.new_zeros(rows.shape[0], matrix.shape[0])
+            if bool(live.any()):
+                out[live] = matrix(rows[live]).to(out.dtype)
+            outs.append(out)
+        return torch.stack(outs)
+
 
 class _View:
-    """``self`` for an experts module's eager forward: its attributes, fused parameters as :class:`_Fused`."""
-
-    def __init__(self, module: nn.Module, fused: dict[str, _Fused]):
-        object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "_fused", fused)
+    """``self`` for an experts module's eager forward: its attributes, fused parameters as :class:`_Fused`;
+    an instance of a subclass of the module's class (:func:`view_of`), so ``super().forward`` works."""
 
     def __getattr__(self, key):
         fused = object.__getattribute__(self, "_fused")
         if key in fused:
             return fused[key]
-        return getattr(object.__getattribute__(self, "_module"), key)
+        value = getattr(object.__getattribute__(self, "_module"), key)
+        return _EagerConfig(value) if key == "config" else value
+
+
+class _EagerConfig:
+    """A module's config as its experts' forward reads it: transformers' dispatch (also in a parent's forward
+    reached through ``super()``) picks the eager per-expert loop."""
+
+    _experts_implementation = "eager"
+
+    def __init__(self, config):
+        object.__setattr__(self, "_config", config)
+
+    def __getattr__(self, key):
+        return getattr(object.__getattribute__(self, "_config"), key)
+
+
+def view_of(module: nn.Module, fused: dict[str, _Fused]) -> _View:
+    cls = type(module)
+    view = object.__new__(type(f"{cls.__name__}View", (_View, cls), {}))
+    object.__setattr__(view, "_module", module)
+    object.__setattr__(view, "_fused", fused)
+    return view
 
 
 def eager_forward(module: nn.Module):
@@ -237,8 +279,10 @@ class _Block:
                 mats.append(matrices.get(name) or ExpertMatrix(module, param, e, transposed))
                 names.append(name)
             fused[param] = _Fused(getattr(module, param), mats, names)
-        self.view = _View(module, fused)
+        self.view = view_of(module, fused)
         self.signature = inspect.signature(self.eager)
+        # Llama 4: forward(hidden_states) gets [E·T, H], each expert's T rows already routed and scaled
+        self.stacked = len(self.signature.parameters) == 2
         self.routed = torch.zeros(self.count, dtype=torch.float64)  # (token, slot) pairs sent to each expert
         self.saliency = torch.zeros(self.count, dtype=torch.float64)  # Σ router weight × ‖expert output‖
 
@@ -298,6 +342,8 @@ class ExpertRouting:
         def forward(*args, **kwargs):
             if not (self.record or self.all_tokens):
                 return block.run(*args, **kwargs)
+            if block.stacked:
+                return self._stacked(block, args, kwargs)
             hidden, index, weights = block.routing(args, kwargs)
             if self.record:
                 self._record(block, hidden, index, weights)
@@ -310,6 +356,27 @@ class ExpertRouting:
                 return block.run(*args, **kwargs)
 
         return forward
+
+    def _stacked(self, block: _Block, args, kwargs):
+        """An experts forward that takes only its rows, [E·T, H] with zeros where the router sent no
+        token: routed tokens are the non-zero rows; "every token" is every routed row (each scaled by
+        its own router weight) through every expert; REAP's router weights are not visible."""
+        if self.saliency:
+            raise OneshotError(f"{block.path}: its forward gets each expert's tokens already scaled by the "
+                               "router, so the REAP score cannot be computed; use --expert-score frequency")
+        hidden = args[0] if args else next(iter(kwargs.values()))
+        per = hidden.reshape(block.count, -1, hidden.shape[-1])
+        live = per.abs().amax(-1) > 0
+        if self.record:
+            block.routed += live.sum(1).double().cpu()
+        if not self.all_tokens:
+            return block.run(*args, **kwargs)
+        every = per[live]
+        chosen = range(block.count) if self.only is None else sorted(self.only.get(block.path, ()))
+        for e in chosen:  # expert e's rows are every routed row, the others' zero
+            block.run(torch.cat([every if k == e else torch.zeros_like(every) for k in range(block.count)]))
+        with self.quiet():
+            return block.run(*args, **kwargs)
 
     def _record(self, block: _Block, hidden, index, weights) -> None:
         flat = index.reshape(-1)
