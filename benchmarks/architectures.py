@@ -4,8 +4,9 @@ set small where the config has them), pruned in memory with Wanda 50%: one JSON 
 ``refused`` (oneshot's one line), ``build-fail`` (transformers could not build it, or its own forward
 fails, at these sizes), ``reload-differs`` or ``TRACEBACK``.
 
-    python benchmarks/architectures.py               # all types, one subprocess each (90 s limit)
+    python benchmarks/architectures.py               # all types, one subprocess each (90 s, 8 GiB)
     python benchmarks/architectures.py llama bamba   # these, in this process
+    python benchmarks/architectures.py --after fuyu  # the types after this one
 """
 import json
 import os
@@ -85,7 +86,17 @@ def one(mt):
         return "TRACEBACK", f"{type(e).__name__}: {str(e)[:200]} @ {where}"
 
 
+def limit_memory(gib: int = 8) -> None:
+    """A child's address space: a type whose defaults stay huge at these sizes fails to build, and
+    cannot push the machine into swap or kill its neighbours."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (gib << 30, gib << 30))
+
+
 if __name__ == "__main__":
+    after = sys.argv.pop(1 + sys.argv.index("--after")) if "--after" in sys.argv else ""
+    sys.argv = [a for a in sys.argv if a != "--after"]
     if len(sys.argv) > 1:
         for mt in sys.argv[1:]:
             t = time.time()
@@ -94,9 +105,10 @@ if __name__ == "__main__":
     else:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-        for mt in sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        for mt in sorted(t for t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if t > after):
             try:
-                out = subprocess.run([sys.executable, __file__, mt], capture_output=True, text=True, timeout=90).stdout
+                out = subprocess.run([sys.executable, __file__, mt], capture_output=True, text=True, timeout=90,
+                                     preexec_fn=limit_memory).stdout
                 line = next((x for x in out.splitlines() if x.startswith("{")), None)
             except subprocess.TimeoutExpired:
                 line = None

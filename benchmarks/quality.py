@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,47 @@ def ppl_of(path_or_gguf: str, eval_windows: int, eval_seqlen: int) -> float:
     return perplexity(model, tokens, eval_seqlen, eval_windows)["perplexity"]
 
 
+def plot(rows: list[dict], path: str, title: str) -> None:
+    """Perplexity (log scale) against sparsity, one line per tool and method over its unstructured rows;
+    N:M rows as open markers at their sparsity; dense as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    lines: dict[str, dict[str, list]] = {}
+    for r in rows:
+        if r["method"] == "dense":
+            ax.axhline(r["perplexity"], color="grey", linestyle="--", linewidth=1, label=f"dense {r['perplexity']:.2f}")
+            continue
+        label = r["method"] if r["tool"] == "oneshot" else f"{r['tool']} {r['method']}"
+        entry = lines.setdefault(label, {"u": [], "nm": []})
+        unstructured = re.match(r"(\d+)% unstructured", r["pattern"])
+        if unstructured:
+            entry["u"].append((int(unstructured[1]), r["perplexity"]))
+        else:
+            n, m = (int(v) for v in r["pattern"].split(":"))
+            entry["nm"].append((100 * (1 - n / m), r["perplexity"], r["pattern"]))
+    for k, (label, entry) in enumerate(sorted(lines.items())):
+        color = f"C{k % 10}"
+        if entry["u"]:
+            xs, ys = zip(*sorted(entry["u"]))
+            ax.plot(xs, ys, marker="o", color=color, label=label)
+        for x, y, pattern in entry["nm"]:
+            ax.plot([x], [y], marker="s", markerfacecolor="none", color=color, linestyle="none")
+            ax.annotate(pattern, (x, y), textcoords="offset points", xytext=(5, 0), fontsize=7, color=color)
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity of the decoder's matrices (%); open squares: N:M")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", default="sparsegpt,wanda,magnitude",
@@ -65,7 +107,14 @@ def main() -> None:
     ap.add_argument("--skip-dense", action="store_true", help="do not evaluate the dense model again")
     ap.add_argument("--extra", default="", help="extra flags for every oneshot prune")
     ap.add_argument("--json-out", default=os.path.join(ROOT, "benchmarks", "out", "quality.json"))
+    ap.add_argument("--plot", metavar="PNG", help="also draw perplexity against sparsity per method")
+    ap.add_argument("--plot-from", nargs="+", metavar="JSON", help="draw --plot from recorded runs; measure nothing")
     args = ap.parse_args()
+    if args.plot_from:
+        runs = [json.load(open(path, encoding="utf-8")) for path in args.plot_from]
+        rows = [r for run in runs for r in run["rows"]]
+        plot(rows, args.plot or "quality.png", f"{os.path.basename(runs[0]['model'])}; {runs[0]['machine']}")
+        return
 
     source = model_path(args.model)
     rows = []
@@ -130,6 +179,8 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.json_out), exist_ok=True)
     with open(args.json_out, "w") as fh:
         json.dump({"machine": machine(), "model": source, "args": vars(args), "rows": rows}, fh, indent=2)
+    if args.plot:
+        plot(rows, args.plot, f"{os.path.basename(source)}; {machine()}")
     print(f"\nmachine: {machine()}\nmodel: {source}\n")
     print("| tool | method | pattern | perplexity | prune s | wall s | peak RSS GiB |")
     print("|---|---|---|---|---|---|---|")
