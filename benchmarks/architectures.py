@@ -46,7 +46,8 @@ def small(d: dict) -> dict:
         kw["num_key_value_heads"] = kw["num_attention_heads"]
     for key, value in (("index_n_heads", 4), ("index_head_dim", 16), ("first_dense_intermediate_size", 128),
                        ("shared_intermediate_size", 32), ("intermediate_size_mlp", 128),
-                       ("num_experts_per_token", 2), ("num_expert_group", 2)):
+                       ("num_experts_per_token", 2), ("num_expert_group", 2), ("attn_layer_period", 2),
+                       ("attn_layer_offset", 1), ("attn_layer_indices", [1])):
         if key in d:
             kw[key] = value
     for key in ("layer_types", "mlp_layer_types"):

@@ -248,3 +248,29 @@ def test_experts_whose_forward_calls_its_parents_forward(tmp_path):
     with torch.no_grad():
         assert torch.allclose(fast(ids).logits, plain(ids).logits, atol=1e-4)
         assert torch.allclose(plain(ids).logits, model(ids).logits, atol=1e-5)
+
+
+def test_a_loop_that_indexes_each_layers_result():
+    """GPT-Neo's loop reads ``outputs = block(...)`` then ``hidden_states = outputs[0]``: the capture's
+    stand-in must return a tuple there, or each layer would get the first window of the one before."""
+    import transformers as tf
+
+    config = tf.GPTNeoConfig(hidden_size=64, num_layers=6, num_heads=4, attention_types=[[["global", "local"], 3]],
+                             max_position_embeddings=256, window_size=16, **COMMON)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    result = prune(model, calibration=_windows(), **ARGS)
+    assert result.report["coverage"]["share_of_prunable"] == 1.0 and len(result.report["linears"]) == 6 * 6
+
+
+def test_a_per_layer_config_gives_its_largest_head_count():
+    """dots3's heterogeneous config refuses a global ``num_attention_heads`` read (memory planning)."""
+    import transformers as tf
+
+    from oneshot.engine.batching import attention_heads
+
+    config = tf.AutoConfig.for_model("dots3_note_text")
+    with pytest.raises(Exception, match="per-layer attribute"):
+        config.num_attention_heads  # noqa: B018
+    layers = range(config.num_hidden_layers)
+    assert attention_heads(config) == max(config.per_layer_config[i].num_attention_heads for i in layers)

@@ -9,6 +9,17 @@ from ..model.structure import is_linear, linear_shape
 from ..runtime import available_bytes
 
 
+def attention_heads(config) -> int:
+    """The attention heads of a config (for the memory plan); a per-layer config (transformers'
+    heterogeneous configs, which refuse the global read) gives its largest."""
+    try:
+        return getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    except Exception:  # AmbiguousGlobalPerLayerAttributeError
+        per = getattr(config, "per_layer_config", None)
+        count = getattr(config, "num_hidden_layers", 0)
+        return max((getattr(per[i], "num_attention_heads", 1) or 1 for i in range(count)), default=1)
+
+
 def forward_bytes_per_token(layer: nn.Module, seqlen: int, heads: int, dtype_bytes: int) -> int:
     """A generous estimate of the activation memory one token costs in one layer's forward."""
     widths = [max(linear_shape(m)) for m in layer.modules() if is_linear(m)] or [1]

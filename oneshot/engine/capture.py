@@ -31,16 +31,26 @@ def layer_outputs(owner: nn.Module) -> tuple[list[str], list[str]] | None:
         tree = ast.parse(textwrap.dedent(inspect.getsource(type(owner).forward)))
     except (OSError, TypeError, SyntaxError):
         return None
+    held = set()  # ``outputs = block(...)``: names that hold a layer's whole result
     for node in ast.walk(tree):
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Tuple)
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
                 and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name)
                 and ("layer" in node.value.func.id or node.value.func.id == "block")):
+            continue
+        if isinstance(node.targets[0], ast.Name):
+            held.add(node.targets[0].id)
+            continue
+        if not isinstance(node.targets[0], ast.Tuple):
             continue
         names = [t.id if isinstance(t, ast.Name) else "_" for t in node.targets[0].elts]
         call = node.value
         used = {n.id for a in [*call.args, *(k.value for k in call.keywords)] for n in ast.walk(a)
                 if isinstance(n, ast.Name)}
         return names, [n for n in names[1:] if n in used]
+    for node in ast.walk(tree):  # ``hidden_states = outputs[0]`` (GPT-Neo): the layer returns a tuple
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in held \
+                and isinstance(node.slice, ast.Constant) and node.slice.value == 0:
+            return ["hidden_states", "_"], []
     return None
 
 

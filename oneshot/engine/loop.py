@@ -25,7 +25,7 @@ from ..tensors import all_finite, call_layer, move
 from ..updates import WEIGHT_UPDATES
 from ..updates.block import reconstruct_block
 from ..updates.learned import learn_options
-from .batching import activation_store, plan_batches
+from .batching import activation_store, attention_heads, plan_batches
 from .capture import Captured, StopForward, capture_inputs, layer_inputs
 from .collect import collect, routed_tokens
 from .guard import ModelCheck
@@ -107,7 +107,7 @@ def run_layers(model, input_ids: torch.Tensor, method: str, constraint: Constrai
     nsamples, seqlen = input_ids.shape
     path, layers = find_decoder_layers(model)
     config = getattr(model.config, "text_config", None) or model.config
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    heads = attention_heads(config)
     storage = model.dtype
     compute = compute_dtype if compute_dtype is not None and compute_dtype != storage else None
     dtype_bytes = torch.finfo(compute or storage).bits // 8
