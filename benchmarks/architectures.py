@@ -2,7 +2,8 @@
 set small where the config has them), pruned in memory with Wanda 50%: one JSON line per type, with
 ``ok`` (coverage, and the written output reloads with transformers to the pruned model's logits),
 ``refused`` (oneshot's one line), ``build-fail`` (transformers could not build it, or its own forward
-fails, at these sizes), ``reload-differs`` or ``TRACEBACK``.
+fails, at these sizes), ``too-big`` (over the children's 8 GiB while pruning or reloading: defaults this
+shrinking leaves large), ``reload-differs`` or ``TRACEBACK``.
 
     python benchmarks/architectures.py               # all types, one subprocess each (90 s, 8 GiB)
     python benchmarks/architectures.py llama bamba   # these, in this process
@@ -39,7 +40,8 @@ windows = torch.stack([ids[i * 32:(i + 1) * 32] for i in range(4)])
 def small(d: dict) -> dict:
     """The SMALL sizes this config has, kept consistent: MLA's rotary head is the head size its rotary
     table uses; DSA indexers get as many heads as attention; per-layer lists keep one layer of each kind."""
-    kw = {k: v for k, v in SMALL.items() if k in d}
+    mapped = {} if d.get("is_encoder_decoder") else d.get("attribute_map", {})  # (BART's maps to its encoder)
+    kw = {k: v for k, v in SMALL.items() if k in d or k in mapped}
     if "qk_rope_head_dim" in kw and "head_dim" in kw:
         kw["head_dim"] = kw["qk_rope_head_dim"]
     if "kv_lora_rank" in kw and "num_key_value_heads" in kw:  # MLA: keys and values for every query head
@@ -63,7 +65,8 @@ def small(d: dict) -> dict:
 
 def one(mt):
     try:
-        cfg = AutoConfig.for_model(mt, **small(AutoConfig.for_model(mt).to_dict()))
+        base = AutoConfig.for_model(mt)
+        cfg = AutoConfig.for_model(mt, **small({**base.to_dict(), "attribute_map": getattr(base, "attribute_map", {})}))
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(cfg).eval()
         with torch.no_grad():
@@ -82,6 +85,8 @@ def one(mt):
     except OneshotError as e:
         return "refused", str(e)[:300]
     except Exception as e:
+        if isinstance(e, MemoryError) or "allocate memory" in str(e):
+            return "too-big", f"{type(e).__name__}: {str(e)[:150]} (the sweep's 8 GiB limit: defaults stay large)"
         tb = traceback.format_exc().splitlines()
         where = [line for line in tb if "File" in line][-1].strip()[:200]
         return "TRACEBACK", f"{type(e).__name__}: {str(e)[:200]} @ {where}"

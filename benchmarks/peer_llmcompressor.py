@@ -16,9 +16,10 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# appended, not first: this repository's kernels/ would shadow the `kernels` package transformers imports
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import TEST, VALID, smollm2_gguf  # noqa: E402
+from benchmarks.common import TEST, VALID, smollm2_bf16, smollm2_gguf  # noqa: E402
 from oneshot.calibration import load_calibration  # noqa: E402
 from oneshot.evaluate import perplexity, tokenize_text  # noqa: E402
 
@@ -32,6 +33,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--eval-seqlen", type=int, default=1024)
+    ap.add_argument("--model", default="gguf", choices=("gguf", "bf16"),
+                    help="gguf: the float32 GGUF (earlier runs); bf16: the bfloat16 checkpoint, pruned in bf16 as "
+                         "llmcompressor runs it, evaluated in float32 as quality.py evaluates every output")
     args = ap.parse_args()
 
     import torch
@@ -41,16 +45,20 @@ def main() -> None:
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf()
-    folder, name = os.path.split(gguf)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="auto")
-    # llmcompressor re-reads the config from the model's path, which a GGUF folder lacks: give it a plain copy
-    plain = tempfile.mkdtemp(prefix="smollm2-hf-")
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.save_pretrained(plain)
-    tokenizer.save_pretrained(plain)
+    if args.model == "bf16":
+        plain = smollm2_bf16()
+        tokenizer = AutoTokenizer.from_pretrained(plain)
+    else:
+        gguf = smollm2_gguf()
+        folder, name = os.path.split(gguf)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="auto")
+        # llmcompressor re-reads the config from the model's path, which a GGUF folder lacks: give it a plain copy
+        plain = tempfile.mkdtemp(prefix="smollm2-hf-")
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(plain)
+        tokenizer.save_pretrained(plain)
     model = AutoModelForCausalLM.from_pretrained(plain, dtype="auto")
     calib = load_calibration(VALID, tokenizer, args.nsamples, args.seqlen, 0)
     ids = calib.input_ids.tolist()
@@ -62,7 +70,7 @@ def main() -> None:
     oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=recipe, num_calibration_samples=args.nsamples,
             max_seq_length=args.seqlen, pipeline="sequential", shuffle_calibration_samples=False)
     seconds = time.perf_counter() - t
-    model.eval()
+    model.float().eval()  # a bf16 model upcast exactly, evaluated as quality.py evaluates every output
     tokens = tokenize_text(tokenizer, open(TEST, encoding="utf-8").read())
     ppl = perplexity(model, tokens, args.eval_seqlen, args.eval_windows)["perplexity"]
     zeros = total = 0

@@ -7,7 +7,7 @@ WikiText-2 validation text, perplexity on the first 32 x 1024-token windows of t
 test text (computed in float32: a bfloat16 checkpoint is upcast exactly), dense and every solver x
 {50% unstructured, 2:4}. Each prune runs as its own `oneshot prune` process, so its wall time and
 peak RSS are its own. With --peer-python, the same runs of llmcompressor follow in the same session
-(see peer_llmcompressor.py; it prunes the GGUF).
+(see peer_llmcompressor.py; it prunes the same --model).
 
     python benchmarks/quality.py --peer-python /tmp/peer/bin/python
     python benchmarks/quality.py --methods "fast=--preset fast;balanced=--preset balanced;best=--preset best"
@@ -167,8 +167,8 @@ def main() -> None:
                 cmd = [args.peer_python, os.path.join(ROOT, "benchmarks", "peer_llmcompressor.py"), "--method", method,
                        "--pattern", peer_pattern, "--sparsity", str(args.sparsity), "--nsamples", str(args.nsamples),
                        "--seqlen", str(args.seqlen), "--eval-windows", str(args.eval_windows),
-                       "--eval-seqlen", str(args.eval_seqlen)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
+                       "--eval-seqlen", str(args.eval_seqlen), "--model", args.model]
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tempfile.gettempdir())
                 if proc.returncode:
                     print(f"peer {method} {pattern} failed:\n{proc.stderr[-2000:]}", flush=True)
                     continue
