@@ -38,7 +38,8 @@ def layer_outputs(owner: nn.Module) -> tuple[list[str], list[str]] | None:
                 and ("layer" in node.value.func.id or node.value.func.id == "block")):
             continue
         if isinstance(node.targets[0], ast.Name):
-            held.add(node.targets[0].id)
+            first = node.value.args[0] if node.value.args else None
+            held.add((node.targets[0].id, first.id if isinstance(first, ast.Name) else None))
             continue
         if not isinstance(node.targets[0], ast.Tuple):
             continue
@@ -48,8 +49,10 @@ def layer_outputs(owner: nn.Module) -> tuple[list[str], list[str]] | None:
                 if isinstance(n, ast.Name)}
         return names, [n for n in names[1:] if n in used]
     for node in ast.walk(tree):  # ``hidden_states = outputs[0]`` (GPT-Neo): the layer returns a tuple
-        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in held \
-                and isinstance(node.slice, ast.Constant) and node.slice.value == 0:
+        value = getattr(node, "value", None)
+        if isinstance(node, ast.Assign) and isinstance(value, ast.Subscript) and isinstance(value.value, ast.Name) \
+                and isinstance(value.slice, ast.Constant) and value.slice.value == 0 \
+                and isinstance(node.targets[0], ast.Name) and (value.value.id, node.targets[0].id) in held:
             return ["hidden_states", "_"], []
     return None
 
