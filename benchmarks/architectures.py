@@ -49,7 +49,7 @@ def small(d: dict) -> dict:
     for key, value in (("index_n_heads", 4), ("index_head_dim", 16), ("first_dense_intermediate_size", 128),
                        ("shared_intermediate_size", 32), ("intermediate_size_mlp", 128),
                        ("num_experts_per_token", 2), ("num_expert_group", 2), ("attn_layer_period", 2),
-                       ("attn_layer_offset", 1), ("attn_layer_indices", [1])):
+                       ("attn_layer_offset", 1), ("attn_layer_indices", [1]), ("d_head", 16)):
         if key in d:
             kw[key] = value
     for key in ("layer_types", "mlp_layer_types"):
@@ -60,6 +60,8 @@ def small(d: dict) -> dict:
         if isinstance(d.get(key), list) and d[key]:
             kinds = list(dict.fromkeys(d[key]))
             kw[key] = (kinds * kw["num_hidden_layers"])[: kw["num_hidden_layers"]]
+    if "attention_types" in d:  # GPT-Neo: the layer pattern must add up to the layer count
+        kw["attention_types"] = [[["global", "local"], kw.get("num_hidden_layers", 2) // 2]]
     return kw
 
 

@@ -71,7 +71,8 @@ def fused_parameters(module: nn.Module) -> dict[str, bool]:
     """The fused expert parameters held directly by ``module`` (3-D, one slice per expert), each with
     whether it is stored [E, in, out]: transformers' own ``is_transposed`` flag where the class has
     it, else by which dimension is the hidden size (``down`` matrices output it, the others read it)."""
-    if isinstance(module, nn.modules.conv._ConvNd):  # a convolution kernel [C, 1, K] is not a stack of experts
+    named = "expert" in type(module).__name__.lower() or any(hasattr(module, k) for k in EXPERT_COUNT_KEYS)
+    if isinstance(module, nn.modules.conv._ConvNd) or not named:  # a conv kernel [C, 1, K]; XLNet's [H, heads, d]
         return {}
     params = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3}
     if not params:
@@ -209,9 +210,8 @@ class _Fused:
                            "this expert layout is not supported (--ignore it)")
 
     def per_expert(self, x: torch.Tensor) -> torch.Tensor:
-        """``torch.bmm(x, fused)`` with x [E, T, in] (Llama 4's experts): each expert's module on the rows
-        routed to it. Unrouted rows are zero (the router's weight is folded into the input) and give zero
-        without being run, so the hooks see only an expert's own tokens."""
+        """``torch.bmm(x, fused)``, x [E, T, in] (Llama 4): each expert's module on its routed rows; the others
+        are zero (the router's weight is folded into the input) and give zero without being run."""
         outs = []
         for matrix, name in zip(self.matrices, self.names):
             if not matrix.transposed:
