@@ -75,8 +75,10 @@ def plot(rows: list[dict], path: str, title: str) -> None:
             xs, ys = zip(*sorted(entry["u"]))
             ax.plot(xs, ys, marker="o", color=color, label=label)
         for x, y, pattern in entry["nm"]:
-            ax.plot([x], [y], marker="s", markerfacecolor="none", color=color, linestyle="none")
-            ax.annotate(pattern, (x, y), textcoords="offset points", xytext=(5, 0), fontsize=7, color=color)
+            ax.plot([x], [y], marker="s", markerfacecolor="none", color=color, linestyle="none",
+                    label=None if entry["u"] else label)
+            ax.annotate(f"{pattern} {y:.1f}", (x, y), textcoords="offset points", xytext=(6 + 48 * (k % 2), -3),
+                        fontsize=7, color=color)
     ax.set_yscale("log")
     ax.set_xlabel("sparsity of the decoder's matrices (%); open squares: N:M")
     ax.set_ylabel("WikiText-2 perplexity")
@@ -109,10 +111,12 @@ def main() -> None:
     ap.add_argument("--json-out", default=os.path.join(ROOT, "benchmarks", "out", "quality.json"))
     ap.add_argument("--plot", metavar="PNG", help="also draw perplexity against sparsity per method")
     ap.add_argument("--plot-from", nargs="+", metavar="JSON", help="draw --plot from recorded runs; measure nothing")
+    ap.add_argument("--rename", nargs="*", default=[], metavar="OLD=NEW", help="with --plot-from: method labels")
     args = ap.parse_args()
     if args.plot_from:
         runs = [json.load(open(path, encoding="utf-8")) for path in args.plot_from]
-        rows = [r for run in runs for r in run["rows"]]
+        names = dict(pair.split("=", 1) for pair in args.rename)
+        rows = [{**r, "method": names.get(r["method"], r["method"])} for run in runs for r in run["rows"]]
         plot(rows, args.plot or "quality.png", f"{os.path.basename(runs[0]['model'])}; {runs[0]['machine']}")
         return
 
