@@ -373,8 +373,9 @@ class ExpertRouting:
             return block.run(*args, **kwargs)
         every = per[live]
         chosen = range(block.count) if self.only is None else sorted(self.only.get(block.path, ()))
-        for e in chosen:  # expert e's rows are every routed row, the others' zero
-            block.run(torch.cat([every if k == e else torch.zeros_like(every) for k in range(block.count)]))
+        step = max(1, (256 << 20) // (block.count * every.shape[-1] * every.element_size()))  # E x rows x H ≤ 256 MiB
+        for e, part in ((e, part) for e in chosen for part in every.split(step)):  # e's rows routed, the others' zero
+            block.run(torch.cat([part if k == e else torch.zeros_like(part) for k in range(block.count)]))
         with self.quiet():
             return block.run(*args, **kwargs)
 
