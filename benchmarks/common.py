@@ -93,3 +93,14 @@ def write_random_shards(directory: str, shapes: dict[str, tuple], layers: int, s
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as fh:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
     return total
+
+
+def save_result(path: str, result: dict) -> None:
+    """Write a benchmark's JSON atomically (a killed run leaves the last one whole) and say where."""
+    import json
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, machine  # noqa: E402
+from common import ROOT, machine, save_result  # noqa: E402
 
 from oneshot.kernels import cpu, sparsify  # noqa: E402
 from oneshot.kernels.cpu_bench import SHAPES, decode_tokens_per_s, format_gemv, gemv_rows, read_bandwidth  # noqa: E402
@@ -205,11 +205,7 @@ def main() -> int:
         result["callgrind"] = callgrind_counts()
         for r in result["callgrind"]:
             print(f"  callgrind {r['kind']:<8} {r['sparsity']:.1f} {r['path']:<7} {r['instructions_per_call']:>12,}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=1)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+    save_result(path, result)
     return 0
 
 

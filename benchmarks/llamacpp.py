@@ -27,7 +27,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import OUT, ROOT, machine, smollm2_bf16  # noqa: E402
+from common import OUT, ROOT, machine, save_result, smollm2_bf16  # noqa: E402
 
 
 def build(source: str) -> str:
@@ -115,10 +115,7 @@ def main() -> int:
             show(label, "llama.cpp BF16, after", rows["llama.cpp BF16, after"])
     tag = re.sub(r"[^a-z0-9]+", "-", str(next(iter(result["decode"].values()))["llama.cpp BF16"]["cpu"]).lower())
     path = os.path.join(args.out, f"llamacpp-{tag.strip('-')[:40]}.json")
-    with open(path + ".tmp", "w", encoding="utf-8") as fh:
-        json.dump(result, fh, indent=1)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+    save_result(path, result)
     return 0
 
 

@@ -10,15 +10,13 @@ import torch
 from oneshot import prune
 from oneshot.cli import main
 from oneshot.constraint import Constraint
-from oneshot.engine.layer import LayerPruner
 from oneshot.engine.moe import remove_experts
 from oneshot.errors import OneshotError
 from oneshot.formats.store import load_state_dict
 from oneshot.masks import check_constraint
 from oneshot.model.experts import ExpertMatrix, ExpertRouting
 from oneshot.model.structure import block_coverage, find_decoder_layers, find_linears, get_weight
-from oneshot.solvers import SOLVERS
-from tiny import MOE_ARCHS, fail_after_first_layer, make_tiny_model
+from tiny import MOE_ARCHS, expert_statistics, fail_after_first_layer, make_tiny_model
 
 EXPERTS = {"qwen2_moe": 8, "qwen3_moe": 8, "mixtral": 8, "gpt_oss": 8, "deepseek_v3": 8, "qwen3_next": 8, "jamba": 4}
 
@@ -126,14 +124,7 @@ def test_expert_statistics_against_a_hand_computation(mode):
     layer = model.model.layers[0]
     block = layer.mlp
     x = torch.randn(1, 40, 64)
-    linears = find_linears(layer, "L")
-    pruner = LayerPruner(linears, SOLVERS["sparsegpt"], Constraint(0.5), {}, 1, torch.device("cpu"), 0)
-    with pruner, ExpertRouting(layer, "L", linears) as routing, torch.no_grad():
-        routing.record, routing.quiet, routing.all_tokens = True, pruner.paused, mode == "all"
-        with pruner.collecting():
-            pruner.start_batch(0)
-            out = block(x)
-        pruner.stats.close()
+    pruner, routing, out = expert_statistics(layer, lambda: block(x), mode)
     flat = x.reshape(-1, 64)
     _, weights, index = block.gate(flat)
     with torch.no_grad():

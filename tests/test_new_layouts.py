@@ -13,7 +13,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from oneshot import prune
 from oneshot.errors import OneshotError
-from tiny import COMMON
+from tiny import COMMON, expert_statistics
 
 ARGS = dict(method="sparsegpt", sparsity=0.5, progress=False)
 
@@ -165,12 +165,6 @@ def _llama4():
 def test_experts_that_take_only_their_rows_see_each_experts_tokens(mode):
     """Llama 4's experts get [E·T, H]: every token once per expert, scaled by its router weight, zero where
     the router did not send it, and run one ``bmm``. Each expert's statistics come from its own rows."""
-    from oneshot.constraint import Constraint
-    from oneshot.engine.layer import LayerPruner
-    from oneshot.model.experts import ExpertRouting
-    from oneshot.model.structure import find_linears
-    from oneshot.solvers import SOLVERS
-
     layer = _llama4().model.layers[0]
     moe = layer.feed_forward
     x = torch.randn(40, 64)
@@ -178,14 +172,7 @@ def test_experts_that_take_only_their_rows_see_each_experts_tokens(mode):
         scores, _ = moe.router(x)
         reference = moe(x)[0]
         routed = (x.repeat(4, 1) * scores.t().reshape(-1, 1)).reshape(4, 40, 64)
-    linears = find_linears(layer, "L")
-    pruner = LayerPruner(linears, SOLVERS["sparsegpt"], Constraint(0.5), {}, 1, torch.device("cpu"), 0)
-    with pruner, ExpertRouting(layer, "L", linears) as routing, torch.no_grad():
-        routing.record, routing.quiet, routing.all_tokens = True, pruner.paused, mode == "all"
-        with pruner.collecting():
-            pruner.start_batch(0)
-            out = moe(x)[0]
-        pruner.stats.close()
+    pruner, routing, out = expert_statistics(layer, lambda: moe(x)[0], mode)
     assert torch.allclose(out, reference, atol=1e-5), "the block's output keeps the real routing"
     live = routed.abs().amax(-1) > 0
     every = routed[live]

@@ -160,3 +160,23 @@ def fail_after_first_layer(monkeypatch):
 
     monkeypatch.setattr(run_module.Run, "_layer_done", fail_after_first)
     return OneshotError
+
+
+def expert_statistics(layer, call, mode: str):
+    """One statistics pass of ``layer`` (prefix ``L``) through ``call()``, as the engine gathers it with
+    ``--moe-calibrate MODE``; returns (the pruner with its statistics, the routing record, the output)."""
+    from oneshot.constraint import Constraint
+    from oneshot.engine.layer import LayerPruner
+    from oneshot.model.experts import ExpertRouting
+    from oneshot.model.structure import find_linears
+    from oneshot.solvers import SOLVERS
+
+    linears = find_linears(layer, "L")
+    pruner = LayerPruner(linears, SOLVERS["sparsegpt"], Constraint(0.5), {}, 1, torch.device("cpu"), 0)
+    with pruner, ExpertRouting(layer, "L", linears) as routing, torch.no_grad():
+        routing.record, routing.quiet, routing.all_tokens = True, pruner.paused, mode == "all"
+        with pruner.collecting():
+            pruner.start_batch(0)
+            out = call()
+        pruner.stats.close()
+    return pruner, routing, out
